@@ -1,0 +1,5 @@
+import sys
+
+from vision3d.cli.main import main
+
+sys.exit(main())

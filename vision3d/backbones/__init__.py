@@ -1,0 +1,1 @@
+"""timm backbones, registered with timm on `import vision3d`."""

@@ -1,0 +1,1 @@
+"""Datasets (RE10K, DL3DV, folders, synthetic) and view samplers."""

@@ -1,0 +1,1 @@
+"""Generation: DiT and the Dense2MoE path."""

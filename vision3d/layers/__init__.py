@@ -1,0 +1,1 @@
+"""Shared blocks: attention (SDPA, optional xformers), RoPE, MLP/GLU, MoE, patch embed, DPT head."""

@@ -1,0 +1,1 @@
+"""Triangle meshes: the Mesh type, extraction (FlexiCubes), I/O and metrics."""

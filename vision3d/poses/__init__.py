@@ -1,0 +1,1 @@
+"""Camera estimation for unposed images."""
