@@ -1,0 +1,33 @@
+"""Shared test setup: small thread count (2-core CI), seeded RNG, paths to reference fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+# reference outputs of the authors' code: ../shared/fixtures beside the checkout (CI puts shared/ there)
+SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
+LOCAL_FIXTURES = REPO / "tests" / "fixtures"
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def shared_fixture(model: str, case: str = "public") -> tuple[Path, Path]:
+    """(safetensors, json) of a shared reference fixture; skips if ../shared is absent."""
+    st = SHARED_FIXTURES / model / f"{case}.safetensors"
+    js = SHARED_FIXTURES / model / f"{case}.json"
+    if not st.exists():
+        pytest.skip(f"reference fixture {st} not present")
+    return st, js
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
