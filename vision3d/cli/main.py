@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("vision3d.cli.doctor", "versions, CUDA, gsplat kernels, installed extras"),
     "render": ("vision3d.cli.render", "render a scene.ply into COLMAP / transforms.json cameras or an orbit"),
     "reconstruct": ("vision3d.cli.reconstruct", "photos or a video -> 3D Gaussian scene"),
+    "reconstruct-mesh": ("vision3d.cli.reconstruct_mesh", "4 normal maps + RGB views -> textured mesh (DiMeR)"),
     "train": ("vision3d.cli.train", "train a reconstructor"),
     "eval": ("vision3d.cli.eval", "evaluate a checkpoint with a published protocol"),
     "view": ("vision3d.cli.view", "viser viewer for a run folder or a PLY"),
