@@ -1,0 +1,330 @@
+"""iLRM: an iterative large 3D reconstruction model (posed images -> pixel-aligned 3D Gaussians).
+
+Source: G. Kang, S. Nam, X. Sun, S. Khamis, A. Mohamed, E. Park, "iLRM: An Iterative Large 3D
+Reconstruction Model", arXiv 2507.23277 (2025). Authors' code: github.com/Gynjn/iLRM, commit
+2bca1c111b5dd68acaf5e2786cd3bd388c028e58 (the released "scale" encoder, ``src/model/encoder/
+scalable/``); no licence file in that repository at that commit, so it was read for facts only and
+its released checkpoint is not shipped here. This file is an independent implementation.
+
+Architecture, as released:
+
+- **View tokens** come from camera rays alone: each ``p x p`` patch of the per-pixel Plücker map
+  ``(o x d, d)`` (unit ``d``, pixel centres at +0.5) is flattened in ``(row, column, channel)``
+  order, linearly embedded (no bias) and layer-normalised (no bias).
+- **Support tokens** come from the images: the same patchification of ``(2 * rgb - 1, o x d, d)``
+  (9 channels per pixel), embedded and normalised the same way.
+- **Iterative updates**: ``num_layers / 2`` iterations of (a) a *read* block, in which the view
+  tokens of each view cross-attend to the support tokens of that same view, then an MLP, and (b) a
+  global self-attention block over the view tokens of all views, then an MLP. Attention has no
+  biases, per-head RMSNorm on queries and keys (eps 1e-5), pre-LayerNorm (no bias) and GELU MLPs
+  with ratio 4 and no biases.
+- **Decoding**: LayerNorm + a linear layer turn each token into ``p * p`` pixel-aligned Gaussians
+  of 14 numbers (3 depth logits, 3 SH-DC colour, 3 scale, 4 rotation wxyz, 1 opacity). Activations,
+  exactly the authors': distance along the unit ray ``500 * sigmoid(mean of the 3 depth logits)``;
+  ``scale = exp(min(s - 6.9, -1.2))``; ``opacity = sigmoid(a - 2)``; quaternion normalised; SH
+  degree 0. The authors render with a white background, near 0.01 and far 500
+  (:attr:`ILRM.render_kwargs`).
+
+Configurations released: RealEstate10K, 2 context views at 256x256 (``ilrm_re10k``); DL3DV with 2-6
+context views, 256x448 centre crops of 270x480 frames (``ilrm_dl3dv``); both patch 8, width 768,
+head dim 64, 24 blocks (12 iterations). Image sides must be multiples of the patch size; the
+authors centre-crop to multiples of 64 (:func:`crop_to_multiple`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from vision3d.gaussians import Gaussians
+from vision3d.geometry import Cameras
+from vision3d.layers.attention import attention
+
+from .base import ReconOutput, Reconstructor, register
+
+GAUSSIAN_CHANNELS = (3, 3, 3, 4, 1)  # depth logits, SH DC, scale, quaternion wxyz, opacity
+
+
+@dataclass
+class ILRMConfig:
+    patch_size: int = 8
+    """Side of the square pixel patch behind each token."""
+    dim: int = 768
+    """Token width."""
+    head_dim: int = 64
+    """Width of one attention head (heads = dim / head_dim)."""
+    num_layers: int = 24
+    """Blocks; alternately read (cross-attention) and self-attention, so iterations = num_layers / 2."""
+    mlp_ratio: float = 4.0
+    """Hidden width of the MLPs relative to dim."""
+    max_distance: float = 500.0
+    """Largest distance of a Gaussian from its camera along the pixel ray."""
+    grad_checkpointing: bool = False
+    """Recompute block activations in the backward pass (the authors train with it on)."""
+    attn_backend: str = "auto"
+    """Attention backend: auto | sdpa | xformers | math."""
+
+    def __post_init__(self) -> None:
+        if self.dim % self.head_dim:
+            raise ValueError(f"ILRMConfig: dim={self.dim} is not a multiple of head_dim={self.head_dim}")
+        if self.num_layers % 2:
+            raise ValueError(f"ILRMConfig: num_layers={self.num_layers} must be even (read + self-attention pairs)")
+
+
+def _mlp(dim: int, ratio: float) -> nn.Sequential:
+    hidden = int(dim * ratio)
+    return nn.Sequential(
+        nn.LayerNorm(dim, bias=False), nn.Linear(dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, dim, bias=False)
+    )
+
+
+class _Attention(nn.Module):
+    """Pre-norm multi-head attention without biases, RMSNorm on per-head queries and keys."""
+
+    def __init__(self, dim: int, head_dim: int, cross: bool, backend: str):
+        super().__init__()
+        self.heads, self.head_dim, self.cross, self.backend = dim // head_dim, head_dim, cross, backend
+        self.norm = nn.LayerNorm(dim, bias=False)
+        if cross:
+            self.q = nn.Linear(dim, dim, bias=False)
+            self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-5)
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-5)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def _heads(self, t: Tensor) -> Tensor:  # [B, N, dim] -> [B, heads, N, head_dim]
+        return t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:  # x [B, N, dim], context [B, M, dim]
+        h = self.norm(x)
+        if self.cross:
+            q = self._heads(self.q(h))
+            k, v = (self._heads(t) for t in self.kv(context).chunk(2, -1))
+        else:
+            q, k, v = (self._heads(t) for t in self.qkv(h).chunk(3, -1))
+        q = self.q_norm(q.float()).to(v.dtype)
+        k = self.k_norm(k.float()).to(v.dtype)
+        out = attention(q, k, v, backend=self.backend)
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+class ReadBlock(nn.Module):
+    """View tokens of each view read the support tokens of the same view."""
+
+    def __init__(self, cfg: ILRMConfig):
+        super().__init__()
+        self.attn = _Attention(cfg.dim, cfg.head_dim, cross=True, backend=cfg.attn_backend)
+        self.mlp = _mlp(cfg.dim, cfg.mlp_ratio)
+
+    def forward(self, x: Tensor, support: Tensor, views: int) -> Tensor:  # x, support [B, V*L, dim]
+        xv = x.unflatten(1, (views, -1)).flatten(0, 1)  # [B*V, L, dim]
+        sv = support.unflatten(1, (views, -1)).flatten(0, 1)
+        x = x + self.attn(xv, sv).unflatten(0, (x.shape[0], views)).flatten(1, 2)
+        return x + self.mlp(x)
+
+
+class SelfBlock(nn.Module):
+    """Global self-attention over the view tokens of all views."""
+
+    def __init__(self, cfg: ILRMConfig):
+        super().__init__()
+        self.attn = _Attention(cfg.dim, cfg.head_dim, cross=False, backend=cfg.attn_backend)
+        self.mlp = _mlp(cfg.dim, cfg.mlp_ratio)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+def _patchify(pix: Tensor, p: int) -> Tensor:
+    """[B, V, C, H, W] -> [B, V*(H/p)*(W/p), p*p*C] with features ordered (row, column, channel)."""
+    B, V, C, H, W = pix.shape
+    t = pix.reshape(B, V, C, H // p, p, W // p, p).permute(0, 1, 3, 5, 4, 6, 2)
+    return t.reshape(B, V * (H // p) * (W // p), p * p * C)
+
+
+def _unpatchify(tokens: Tensor, V: int, H: int, W: int, p: int) -> Tensor:
+    """[B, V*(H/p)*(W/p), p*p*C] -> [B, V, H*W, C] (pixels row-major)."""
+    B = tokens.shape[0]
+    t = tokens.reshape(B, V, H // p, W // p, p, p, -1).permute(0, 1, 2, 4, 3, 5, 6)
+    return t.reshape(B, V, H * W, -1)
+
+
+def crop_to_multiple(images: Tensor, cameras: Cameras, multiple: int) -> tuple[Tensor, Cameras]:
+    """Centre-crop images ``[B, V, 3, H, W]`` and their cameras to sides divisible by ``multiple``."""
+    H, W = images.shape[-2:]
+    h, w = (H // multiple) * multiple, (W // multiple) * multiple
+    if h == 0 or w == 0:
+        raise ValueError(f"crop_to_multiple: {W}x{H} images are smaller than one {multiple}-pixel patch")
+    top, left = (H - h) // 2, (W - w) // 2
+    return images[..., top : top + h, left : left + w], cameras.crop(left, top, w, h)
+
+
+class ILRM(Reconstructor):
+    """Posed context views -> one pixel-aligned Gaussian per context pixel (batch [B], N = V*H*W)."""
+
+    render_kwargs = dict(background=(1.0, 1.0, 1.0), near_plane=0.01, far_plane=500.0, rasterize_mode="classic")
+
+    def __init__(self, cfg: ILRMConfig | None = None, **overrides):
+        super().__init__()
+        cfg = ILRMConfig(**{**asdict(cfg or ILRMConfig()), **overrides})  # a private copy
+        self.cfg = cfg
+        p, d = cfg.patch_size, cfg.dim
+        self.ray_embed = nn.Linear(6 * p * p, d, bias=False)
+        self.ray_norm = nn.LayerNorm(d, bias=False)
+        self.support_embed = nn.Linear(9 * p * p, d, bias=False)
+        self.support_norm = nn.LayerNorm(d, bias=False)
+        self.blocks = nn.ModuleList(
+            [ReadBlock(cfg) if i % 2 == 0 else SelfBlock(cfg) for i in range(cfg.num_layers)]
+        )
+        self.head = nn.Sequential(nn.LayerNorm(d, bias=False), nn.Linear(d, sum(GAUSSIAN_CHANNELS) * p * p, bias=False))
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.cfg.grad_checkpointing = enable
+
+    def forward(
+        self,
+        images: Tensor,  # [B, V, 3, H, W] in [0, 1]
+        cameras: Cameras,  # batch [B, V], OpenCV cam_to_world, K in pixels
+    ) -> ReconOutput:
+        self.check_inputs(images, cameras, "ilrm")
+        B, V, _, H, W = images.shape
+        p = self.cfg.patch_size
+        if H % p or W % p:
+            raise ValueError(
+                f"ilrm: image size {W}x{H} is not a multiple of the patch size {p}; "
+                f"centre-crop first with vision3d.recon.ilrm.crop_to_multiple(images, cameras, {p})"
+            )
+        cameras = cameras.to(device=images.device, dtype=torch.float32)
+        with torch.no_grad():
+            origins, dirs = cameras.rays(normalize=True)  # [B, V, H, W, 3]
+            moment = torch.cross(origins, dirs, dim=-1)
+            rays = torch.cat([moment, dirs], -1).permute(0, 1, 4, 2, 3)  # [B, V, 6, H, W]
+        support_pix = torch.cat([images.float() * 2 - 1, rays], 2)
+        x = self.ray_norm(self.ray_embed(_patchify(rays, p)))
+        support = self.support_norm(self.support_embed(_patchify(support_pix, p)))
+        for blk in self.blocks:
+            args = (x, support, V) if isinstance(blk, ReadBlock) else (x,)
+            if self.cfg.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, *args, use_reentrant=False)
+            else:
+                x = blk(*args)
+        raw = _unpatchify(self.head(x).float(), V, H, W, p)  # [B, V, H*W, 14]
+        depth_logits, sh_dc, scale, rot, opacity = raw.split(GAUSSIAN_CHANNELS, -1)
+        distance = depth_logits.mean(-1, keepdim=True).sigmoid() * self.cfg.max_distance  # [B, V, H*W, 1]
+        o = origins.reshape(B, V, H * W, 3)
+        d = dirs.reshape(B, V, H * W, 3)
+        means = o + distance * d
+        gaussians = Gaussians(
+            means=means.reshape(B, V * H * W, 3),
+            quats=F.normalize(rot, dim=-1).reshape(B, V * H * W, 4),
+            scales=(scale - 6.9).clamp(max=-1.2).exp().reshape(B, V * H * W, 3),
+            opacities=(opacity - 2.0).sigmoid().reshape(B, V * H * W),
+            sh=sh_dc.reshape(B, V * H * W, 1, 3),
+        )
+        # z-depth per context pixel: distance along the unit ray times the ray's cosine to the optical axis
+        with torch.no_grad():
+            _, d_z1 = cameras.rays(normalize=False)  # camera-space z = 1
+        z = distance.reshape(B, V, H, W) / d_z1.norm(dim=-1)
+        return ReconOutput(gaussians=gaussians, depth=z.unsqueeze(2), extras={"raw": raw})
+
+
+# ---------------------------------------------------------------------------------------------
+# the authors' checkpoint layout -> ours
+
+_RENAMES = [
+    (r"^input_tokenizer\.", "ray_embed."),
+    (r"^input_layernorm\.", "ray_norm."),
+    (r"^support_tokenizer\.", "support_embed."),
+    (r"^support_layernorm\.", "support_norm."),
+    (r"^token_decoder\.", "head."),
+    (r"^processor\.blocks\.(\d+)\.read_cross\.", r"blocks.\1.attn."),
+    (r"^processor\.blocks\.(\d+)\.attn\.", r"blocks.\1.attn."),
+    (r"^processor\.blocks\.(\d+)\.(read_ff|mlp)\.norm\.", r"blocks.\1.mlp.0."),
+    (r"^processor\.blocks\.(\d+)\.(read_ff|mlp)\.fc1\.", r"blocks.\1.mlp.1."),
+    (r"^processor\.blocks\.(\d+)\.(read_ff|mlp)\.fc2\.", r"blocks.\1.mlp.3."),
+]
+
+
+def convert_ilrm_checkpoint(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The authors' weights (a Lightning ``.ckpt`` dict, its ``state_dict``, or a bare ``Scaler``
+    state dict) -> an :class:`ILRM` state dict. LPIPS-loss weights and other non-model keys are dropped."""
+    if "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    prefix = "encoder.scaler."
+    if any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    out: dict[str, Tensor] = {}
+    cross_qkv: dict[str, dict[str, Tensor]] = {}
+    for key, value in state.items():
+        m = re.match(r"^processor\.blocks\.(\d+)\.read_cross\.([kv])\.weight$", key)
+        if m:  # separate k and v projections are fused into kv
+            cross_qkv.setdefault(m.group(1), {})[m.group(2)] = value
+            continue
+        new = key
+        for pat, rep in _RENAMES:
+            new, n = re.subn(pat, rep, new)
+            if n:
+                break
+        else:
+            raise KeyError(f"convert_ilrm_checkpoint: unexpected key '{key}' (not in the authors' iLRM layout)")
+        out[new] = value
+    for i, kv in cross_qkv.items():
+        if set(kv) != {"k", "v"}:
+            raise KeyError(f"convert_ilrm_checkpoint: block {i} has only {sorted(kv)} of the k/v projections")
+        out[f"blocks.{i}.attn.kv.weight"] = torch.cat([kv["k"], kv["v"]], 0)
+    return out
+
+
+def config_from_state_dict(state: dict[str, Tensor]) -> ILRMConfig:
+    """Infer patch size, width and depth from a converted state dict (head_dim is not recoverable
+    from shapes alone; the released models use 64)."""
+    dim = state["ray_embed.weight"].shape[0]
+    p = int(round((state["ray_embed.weight"].shape[1] / 6) ** 0.5))
+    layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    head_dim = state["blocks.0.attn.q_norm.weight"].shape[0]
+    return ILRMConfig(patch_size=p, dim=dim, head_dim=head_dim, num_layers=layers)
+
+
+def load_ilrm(path: str, **overrides) -> ILRM:
+    """Build an ILRM from the authors' ``.ckpt`` (or our safetensors), inferring the configuration."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: iLRM checkpoint not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = convert_ilrm_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
+    cfg = config_from_state_dict(state)
+    model = ILRM(cfg, **overrides)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not fit iLRM {cfg}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+VARIANTS: dict[str, ILRMConfig] = {
+    "ilrm_re10k": ILRMConfig(),  # 2 views, 256x256
+    "ilrm_dl3dv": ILRMConfig(),  # 2-6 views, 256x448
+    "ilrm_tiny": ILRMConfig(patch_size=4, dim=64, head_dim=16, num_layers=4),  # tests and CPU runs
+}
+
+for _name, _cfg in VARIANTS.items():
+    register(_name)(lambda _c=_cfg, **kw: ILRM(_c, **kw))
