@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     import tyro
 
     module = importlib.import_module(COMMANDS[name][0])
+    if hasattr(module, "main"):  # commands with their own argument handling (presets)
+        return int(module.main(argv[1:]) or 0)
     args = tyro.cli(module.Args, args=argv[1:], prog=f"vision3d {name}", description=module.__doc__)
     return int(module.run(args) or 0)
 

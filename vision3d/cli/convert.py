@@ -1,0 +1,82 @@
+"""Convert an authors' checkpoint to vision3d's layout (safetensors + config json).
+
+Examples:
+    vision3d convert ilrm re10k_2view.ckpt models/ilrm/re10k_2view.safetensors
+    vision3d convert --list
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import tyro
+
+# name -> (module, converter function, one line on what it reads)
+CONVERTERS: dict[str, tuple[str, str, str]] = {
+    "ilrm": ("vision3d.recon.ilrm", "convert_ilrm_checkpoint", "Gynjn/iLRM Lightning .ckpt (encoder.scaler.*)"),
+}
+
+
+def register_converter(name: str, module: str, function: str, what: str) -> None:
+    CONVERTERS[name] = (module, function, what)
+
+
+def get_converter(name: str) -> Callable[[dict], dict]:
+    if name not in CONVERTERS:
+        raise KeyError(f"no converter named '{name}'; available: {', '.join(sorted(CONVERTERS))}")
+    mod, fn, _ = CONVERTERS[name]
+    return getattr(importlib.import_module(mod), fn)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Load a .ckpt/.pth/.pt (tensors and plain containers only) or a .safetensors file."""
+    import torch
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(
+            f"{path}: could not be read as tensors-only (weights_only=True) checkpoint ({e}); vision3d never "
+            "unpickles arbitrary objects -- re-save the state dict with torch.save(model.state_dict(), ...)"
+        ) from e
+
+
+@dataclass
+class Args:
+    method: tyro.conf.Positional[str] = ""
+    """Converter name (see --list)."""
+    source: tyro.conf.Positional[str] = ""
+    """The authors' checkpoint file."""
+    dest: tyro.conf.Positional[str] = ""
+    """Output .safetensors path (a .json with the key count is written beside it)."""
+    list: bool = False
+    """List the converters and exit."""
+
+
+def run(args: Args) -> int:
+    if args.list or not args.method:
+        for name, (_, _, what) in sorted(CONVERTERS.items()):
+            print(f"{name:<20} {what}")
+        return 0
+    if not args.source or not args.dest:
+        print("vision3d convert: give METHOD SOURCE DEST (see --help)")
+        return 2
+    from vision3d.train.checkpoint import save_weights
+
+    state = get_converter(args.method)(read_checkpoint(Path(args.source)))
+    dest = Path(args.dest)
+    save_weights(dest, state, metadata={"converted_from": str(args.source), "method": args.method})
+    n = sum(v.numel() for v in state.values())
+    print(f"wrote {dest}: {len(state)} tensors, {n / 1e6:.2f} M parameters")
+    (dest.with_suffix(".json")).write_text(json.dumps({"method": args.method, "source": str(args.source), "tensors": len(state), "parameters": n}, indent=1))
+    return 0

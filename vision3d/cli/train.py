@@ -1,0 +1,61 @@
+"""Train a reconstructor (one GPU, many GPUs via torchrun, or the CPU).
+
+Examples:
+    vision3d train --preset configs/re10k/ilrm.yaml --data.root datasets/re10k --out runs/ilrm_re10k
+    torchrun --nproc_per_node=8 -m vision3d.train --preset configs/re10k/ilrm.yaml --out runs/ilrm
+    torchrun --nnodes=2 --node_rank=0 --rdzv_endpoint=HOST:29500 --nproc_per_node=8 -m vision3d.train ...
+    vision3d train --preset runs/ilrm/config.yaml --resume      # continue a stopped run
+
+``--preset FILE`` loads a YAML preset (or a run's config.yaml) as the defaults; flags override it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from vision3d.train.config import TrainConfig, load_config
+
+Args = TrainConfig
+
+
+def split_preset(argv: list[str]) -> tuple[TrainConfig, list[str]]:
+    """Pull ``--preset PATH`` out of argv and load it (unknown keys are an error naming the key)."""
+    rest, cfg = [], TrainConfig()
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--preset" or a.startswith("--preset="):
+            path = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+            if not path:
+                raise SystemExit("vision3d train: --preset needs a file")
+            cfg = load_config(path)
+            i += 1 if "=" in a else 2
+            continue
+        rest.append(a)
+        i += 1
+    return cfg, rest
+
+
+def run(cfg: TrainConfig) -> int:
+    from vision3d.train.engine import train
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    result = train(cfg)
+    if result.history:
+        last = result.history[-1]
+        print(f"done: step {result.step}, mse {last['mse']:.5f}, psnr {last['psnr']:.2f} dB -> {result.run_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tyro
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        default, rest = split_preset(argv)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"vision3d train: {e}", file=sys.stderr)
+        return 2
+    cfg = tyro.cli(TrainConfig, args=rest, default=default, prog="vision3d train", description=__doc__)
+    return run(cfg)

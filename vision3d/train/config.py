@@ -1,0 +1,182 @@
+"""Training configuration: dataclasses that tyro turns into the ``vision3d train`` CLI.
+
+Presets live in ``configs/<dataset>/<method>.yaml``; a preset holds any subset of these fields
+(nested by section). The resolved config is written to ``<run>/config.yaml`` and a run can be
+re-created from it with ``--preset <run>/config.yaml``. YAML is read with ``yaml.safe_load``; no
+string is ever evaluated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["re10k", "dl3dv"] = "re10k"
+    """Chunk layout to read (DL3DV chunks share RE10K's layout)."""
+    root: str = "datasets/re10k"
+    """Folder holding <split>/index.json and the .torch chunks."""
+    image_shape: tuple[int, int] = (256, 256)
+    """(height, width) after resize + centre crop."""
+    num_context: int = 2
+    """Context views per example."""
+    num_target: int = 4
+    """Target views rendered for the loss."""
+    min_gap: int = 45
+    """Smallest frame gap between the outer context views (after warm-up)."""
+    max_gap: int = 192
+    """Largest frame gap between the outer context views (after warm-up)."""
+    gap_warmup_steps: int = 150_000
+    """Steps over which the gap bounds grow to their final values (0: no warm-up)."""
+    initial_min_gap: int = 25
+    """Gap bounds at step 0 when warming up."""
+    initial_max_gap: int = 45
+    """Gap bounds at step 0 when warming up."""
+    near: float = 1.0
+    """Near plane (RE10K: 1, DL3DV: 1 in DepthSplat's setting)."""
+    far: float = 100.0
+    """Far plane."""
+    batch_size: int = 4
+    """Examples per GPU (per process) and per micro-step."""
+    num_workers: int = 4
+    """DataLoader worker processes per GPU."""
+    skip_bad: bool = False
+    """Skip unreadable scenes with a logged warning instead of stopping."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (not applied to biases and norms)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    warmup_steps: int = 2500
+    """Linear warm-up steps before the cosine decay."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine."""
+    max_steps: int = 100_000
+    """Optimiser steps in the run."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: off)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay (0: off)."""
+
+
+@dataclass
+class LossConfig:
+    mse: float = 1.0
+    """Weight of the pixel MSE on target views."""
+    lpips: float = 0.0
+    """Weight of LPIPS (VGG) on target views; needs the LPIPS weights on disk."""
+    lpips_after: int = 0
+    """Step from which LPIPS is applied."""
+    opacity_reg: float = 0.0
+    """Weight of the mean opacity (encourages sparse Gaussians)."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = "ilrm_re10k"
+    """Registered reconstructor name (vision3d.recon.list_models())."""
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Constructor overrides for the model (set them in a preset)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    out: str = "runs/train"
+    """Run folder (config.yaml, ckpts/, tb/, renders/, metrics.json)."""
+    seed: int = 111123
+    """Base seed; each rank adds its rank."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """Autocast precision on GPUs (the CPU always runs fp32)."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    grad_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    log_every: int = 50
+    """Steps between scalar logs."""
+    image_every: int = 1000
+    """Steps between rendered-image logs (0: never)."""
+    ckpt_every: int = 5000
+    """Steps between checkpoints (the last step is always saved)."""
+    keep_ckpts: int = 3
+    """Checkpoints kept on disk (oldest removed first)."""
+    resume: bool = False
+    """Continue the run in `out` from its latest checkpoint."""
+    overwrite: bool = False
+    """Allow starting a new run in a non-empty `out` (its old contents are removed)."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+# ------------------------------------------------------------------------------------------------
+def to_dict(cfg) -> dict:
+    def conv(v):
+        if isinstance(v, tuple):
+            return list(v)
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return {k: conv(v) if not dataclasses.is_dataclass(v) else to_dict(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def from_dict(cls, data: dict, source: str = "config", prefix: str = ""):
+    """Build dataclass ``cls`` from a nested dict, refusing keys that do not exist."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: section '{prefix or '<root>'}' must be a mapping, got {type(data).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ValueError(
+                f"{source}: unknown key '{prefix}{key}'; valid keys here: {', '.join(sorted(names))}"
+            )
+        f = names[key]
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        if sub is not None and dataclasses.is_dataclass(sub):
+            kwargs[key] = from_dict(sub, value, source, f"{prefix}{key}.")
+        elif isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: preset/config file not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    return from_dict(TrainConfig, data, source=str(path))
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def diff_configs(a: TrainConfig, b: TrainConfig, ignore=("resume", "overwrite", "progress")) -> list[str]:
+    """Human-readable differences between two configs (dotted key: old -> new)."""
+    out = []
+
+    def walk(x, y, prefix):
+        for k in x:
+            if prefix == "" and k in ignore:
+                continue
+            if isinstance(x[k], dict) and isinstance(y.get(k), dict) and k != "model_kwargs":
+                walk(x[k], y[k], f"{prefix}{k}.")
+            elif x[k] != y.get(k):
+                out.append(f"{prefix}{k}: {x[k]!r} -> {y.get(k)!r}")
+
+    walk(to_dict(a), to_dict(b), "")
+    return out
