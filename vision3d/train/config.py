@@ -30,18 +30,22 @@ class DataConfig:
     """Target views rendered for the loss."""
     min_gap: int = 45
     """Smallest frame gap between the outer context views (after warm-up)."""
-    max_gap: int = 192
+    max_gap: int = 135
     """Largest frame gap between the outer context views (after warm-up)."""
-    gap_warmup_steps: int = 150_000
+    gap_warmup_steps: int = 30_000
     """Steps over which the gap bounds grow to their final values (0: no warm-up)."""
     initial_min_gap: int = 25
     """Gap bounds at step 0 when warming up."""
     initial_max_gap: int = 45
     """Gap bounds at step 0 when warming up."""
+    extra_views: Literal["random", "farthest_point", "uniform"] = "random"
+    """How context views beyond the outer two are chosen (DL3DV: farthest_point)."""
+    targets_with_replacement: bool = True
+    """Draw target frames with replacement (RE10K papers) or without (DL3DV papers)."""
     near: float = 1.0
-    """Near plane (RE10K: 1, DL3DV: 1 in DepthSplat's setting)."""
+    """Near plane written into the cameras (RE10K: 1)."""
     far: float = 100.0
-    """Far plane."""
+    """Far plane (RE10K: 100)."""
     batch_size: int = 4
     """Examples per GPU (per process) and per micro-step."""
     num_workers: int = 4

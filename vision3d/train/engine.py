@@ -141,9 +141,19 @@ def prepare_run_dir(cfg: TrainConfig, info: DistInfo) -> tuple[Path, Path | None
 
 
 def build_dataset(cfg: TrainConfig, split: str = "train"):
-    from vision3d.data import build_dataset as _build
+    """The training dataset described by ``cfg.data`` (RE10K/DL3DV chunks, bounded view sampler)."""
+    from vision3d.data import BoundedViewSampler, ChunkDataset, ChunkDatasetConfig
 
-    return _build(cfg.data, split)
+    d = cfg.data
+    sampler = BoundedViewSampler(
+        num_context_views=d.num_context, num_target_views=d.num_target, min_gap=d.min_gap, max_gap=d.max_gap,
+        warm_up_steps=d.gap_warmup_steps, initial_min_gap=d.initial_min_gap, initial_max_gap=d.initial_max_gap,
+        extra_views=d.extra_views, targets_with_replacement=d.targets_with_replacement,
+    )
+    data_cfg = ChunkDatasetConfig(
+        roots=[d.root], split=split, image_shape=tuple(d.image_shape), near=d.near, far=d.far, skip_bad=d.skip_bad
+    )
+    return ChunkDataset(data_cfg, sampler)
 
 
 # ------------------------------------------------------------------------------------------------ the loop
