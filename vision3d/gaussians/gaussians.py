@@ -71,6 +71,10 @@ class Gaussians:
         if sh.ndim != m.ndim + 1 or tuple(sh.shape[:-2]) != tuple(lead) or sh.shape[-1] != 3:
             raise ValueError(f"Gaussians.sh: expected [{', '.join(map(str, lead))}, K, 3], got {tuple(sh.shape)}")
         sh_degree_from_bases(sh.shape[-2])
+        for name in FIELDS[1:]:
+            dev = getattr(self, name).device
+            if dev != m.device:
+                raise ValueError(f"Gaussians.{name}: on {dev} but means are on {m.device}; put every field on one device")
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -167,7 +171,8 @@ class Gaussians:
             raise ValueError("Gaussians.cat: nothing to concatenate")
         deg = max(g.sh_degree for g in items)
         items = [g.with_sh_degree(deg) for g in items]
-        return Gaussians(**{k: torch.cat([g.tensors()[k] for g in items], -2 if k != "opacities" else -1) for k in FIELDS})
+        n_dim = {"means": -2, "quats": -2, "scales": -2, "opacities": -1, "sh": -3}  # where N sits in each field
+        return Gaussians(**{k: torch.cat([getattr(g, k) for g in items], n_dim[k]) for k in FIELDS})
 
     def flatten_batch(self) -> "Gaussians":
         """Fold every batch dimension into ``N`` (e.g. merge per-view Gaussians into one scene)."""

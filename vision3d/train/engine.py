@@ -68,19 +68,16 @@ class Loss(nn.Module):
     def __init__(self, cfg, device: torch.device):
         super().__init__()
         self.cfg = cfg
-        self.lpips = None
-        if cfg.lpips > 0:
+        self.use_lpips = cfg.lpips > 0
+        if self.use_lpips:
             from vision3d.eval import metrics
 
             if not metrics.lpips_available("vgg"):
-                raise RuntimeError(
-                    "the config asks for an LPIPS loss (loss.lpips > 0) but the LPIPS VGG weights are not on disk: "
+                raise metrics.LPIPSWeightsMissing(
+                    "the config asks for an LPIPS loss (loss.lpips > 0) but its weights are missing. "
                     + metrics.lpips_missing_message("vgg")
-                    + " -- or set --loss.lpips 0"
+                    + "\nOr train without it: --loss.lpips 0"
                 )
-            self.lpips = metrics.LPIPS("vgg").to(device).eval()
-            for p in self.lpips.parameters():
-                p.requires_grad_(False)
 
     def forward(self, pred: Tensor, target: Tensor, gaussians, step: int) -> tuple[Tensor, dict[str, float]]:
         # pred/target [B, V, 3, H, W] in [0, 1]
@@ -88,8 +85,10 @@ class Loss(nn.Module):
         mse = (pred - target).square().mean()
         terms["mse"] = mse
         total = self.cfg.mse * mse
-        if self.lpips is not None and step >= self.cfg.lpips_after:
-            lp = self.lpips(pred.flatten(0, 1), target.flatten(0, 1)).mean()
+        if self.use_lpips and step >= self.cfg.lpips_after:
+            from vision3d.eval.metrics import lpips
+
+            lp = lpips(pred, target, net="vgg").mean()
             terms["lpips"] = lp
             total = total + self.cfg.lpips * lp
         if self.cfg.opacity_reg > 0:
