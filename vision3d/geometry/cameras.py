@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 
-@dataclass
+@dataclass(eq=False)  # tensor fields: == would be ambiguous; compare fields explicitly
 class Cameras:
     K: Tensor  # [..., 3, 3] intrinsics in pixels
     cam_to_world: Tensor  # [..., 4, 4] rigid, OpenCV (x right, y down, z forward)

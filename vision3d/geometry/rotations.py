@@ -15,6 +15,9 @@ Kornia 0.9 (github.com/kornia/kornia, Apache-2.0) uses the same order in
 - :func:`random_quat` / :func:`random_rotation`: kornia's ``Quaternion.random`` takes only an
   integer batch size and no ``torch.Generator``; ours takes any shape and a generator (normalised
   4D Gaussian samples, uniform on SO(3)).
+- :func:`make_rigid`, :func:`rigid_inverse`, :func:`look_at`, :func:`rotation_angle`: kornia's
+  nearest functions (``Rt_to_matrix4x4``, ``inverse_transformation``) take only ``[B, ...]``
+  batches; these take any batch shape. :func:`look_at` returns OpenCV cam-to-world directly.
 """
 
 from __future__ import annotations
