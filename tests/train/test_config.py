@@ -46,3 +46,16 @@ def test_run_folder_protection_and_resume_mismatch(tmp_path):
         prepare_run_dir(other, DistInfo())
     with pytest.raises(FileNotFoundError, match="no config.yaml"):
         prepare_run_dir(TrainConfig(out=str(tmp_path / "empty"), resume=True), DistInfo())
+
+
+def test_lpips_loss_refuses_without_weights(monkeypatch):
+    import torch
+
+    from vision3d.eval import metrics
+    from vision3d.train.config import LossConfig
+    from vision3d.train.engine import Loss
+
+    monkeypatch.setattr(metrics, "lpips_available", lambda net="vgg": False)
+    with pytest.raises(metrics.LPIPSWeightsMissing, match="--loss.lpips 0"):
+        Loss(LossConfig(lpips=0.1), torch.device("cpu"))
+    Loss(LossConfig(lpips=0.0), torch.device("cpu"))  # no LPIPS asked: no error
