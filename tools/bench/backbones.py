@@ -1,0 +1,182 @@
+"""Benchmark vision3d's timm backbones beside comparable timm models.
+
+For every vision3d-registered variant (models whose module is under ``vision3d.backbones``) and
+the reference timm models, in one run: parameters (counted on the meta device), GMACs (counted
+with ``torch.utils.flop_counter.FlopCounterMode`` at batch 1: MACs = counted FLOPs / 2; it counts
+convolutions, matmuls/einsums and SDPA, not element-wise ops, norms or FFTs, so AFFNet's
+``rfft2``/``irfft2`` are NOT included and are listed separately as an analytic estimate), and
+throughput (images/s, eval mode, ``torch.inference_mode``) for several batch sizes. FFNet is also
+timed after ``reparameterize()`` (its deploy structure). With ``--device cuda`` the forward runs
+under bf16 autocast.
+
+    python tools/bench/backbones.py --quick                       # smallest variant per family
+    python tools/bench/backbones.py --json bench.json --batches 1 2 4 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+from timm.models._registry import model_entrypoint
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import vision3d.backbones  # noqa: E402,F401  (registers the models)
+
+REFERENCE = ["mobilevit_xs", "convnext_atto", "pvt_v2_b0", "vit_tiny_patch16_224"]
+
+
+def vision3d_models() -> list[str]:
+    return sorted(n for n in timm.list_models() if model_entrypoint(n).__module__.startswith("vision3d.backbones"))
+
+
+def meta_params(name: str) -> int:
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name)
+    except (RuntimeError, NotImplementedError):  # a model that cannot be built on the meta device
+        model = timm.create_model(name)
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_gmacs(model: torch.nn.Module, size: int) -> float:
+    x = torch.randn(1, 3, size, size)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(x)
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def fft_gmacs_estimate(model: torch.nn.Module, size: int) -> float:
+    """Analytic cost of AFFNet's FFT pairs: 2 transforms x 2.5 N log2 N real MACs per channel (N = H W)."""
+    from vision3d.backbones.affnet import AdaptiveFrequencyFilter
+
+    shapes: list[tuple[int, int, int]] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out: shapes.append(tuple(inp[0].shape[1:])))
+        for m in model.modules()
+        if isinstance(m, AdaptiveFrequencyFilter)
+    ]
+    with torch.inference_mode():
+        model(torch.randn(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return sum(2 * 2.5 * c * h * w * math.log2(max(h * w, 2)) for c, h, w in shapes) / 1e9
+
+
+def throughput(model: torch.nn.Module, batch: int, size: int, device: str, iters: int, warmup: int) -> float:
+    x = torch.randn(batch, 3, size, size, device=device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    with torch.inference_mode(), amp:
+        for _ in range(warmup):
+            model(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            model(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    return batch * iters / dt
+
+
+def bench_one(name: str, label: str, model: torch.nn.Module, args, params: int) -> dict:
+    model.eval()
+    row = {"model": label, "params_M": params / 1e6, "gmacs": count_gmacs(model, args.size)}
+    if any(type(m).__name__ == "AdaptiveFrequencyFilter" for m in model.modules()):
+        row["fft_gmacs_estimate"] = fft_gmacs_estimate(model, args.size)
+    model.to(args.device)
+    row["img_per_s"] = {
+        str(b): throughput(model, b, args.size, args.device, args.iters, args.warmup) for b in args.batches
+    }
+    print(f"  {label:28s} {row['params_M']:7.2f}M {row['gmacs']:6.2f} GMACs " + " ".join(
+        f"b{b}:{v:7.1f}" for b, v in row["img_per_s"].items()), file=sys.stderr)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smallest vision3d variant per family, batches 1 and 8, 3 iterations")
+    ap.add_argument("--models", nargs="*", default=None, help="vision3d models to time (default: all registered)")
+    ap.add_argument("--batches", nargs="*", type=int, default=[1, 2, 4, 8])
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+
+    names = args.models or vision3d_models()
+    unknown = [n for n in names if n not in vision3d_models()]
+    if unknown:
+        raise SystemExit(f"--models: not vision3d models: {unknown}")
+    params = {n: meta_params(n) for n in names}
+    if args.quick:
+        smallest: dict[str, str] = {}
+        for n in names:
+            fam = model_entrypoint(n).__module__
+            if fam not in smallest or params[n] < params[smallest[fam]]:
+                smallest[fam] = n
+        names = sorted(smallest.values())
+        args.batches = [1, 8] if args.batches == [1, 2, 4, 8] else args.batches
+        args.iters, args.warmup = 3, 1
+
+    rows = []
+    print(f"benchmark at {args.size}x{args.size} on {args.device}, threads={torch.get_num_threads()}", file=sys.stderr)
+    for n in names + REFERENCE:
+        torch.manual_seed(0)
+        model = timm.create_model(n)
+        p = params.get(n) or sum(q.numel() for q in model.parameters())
+        group = "vision3d" if n in params else "timm"
+        rows.append({"group": group, **bench_one(n, n, model, args, p)})
+        if hasattr(model, "reparameterize") and group == "vision3d":
+            model.cpu().reparameterize()
+            p = sum(q.numel() for q in model.parameters())
+            rows.append({"group": group, **bench_one(n, f"{n} (deploy)", model, args, p)})
+        del model
+
+    header = ["model", "params (M)", "GMACs"] + [f"img/s b{b}" for b in args.batches]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        g = f"{r['gmacs']:.2f}" + (f" (+{r['fft_gmacs_estimate']:.3f} FFT est.)" if "fft_gmacs_estimate" in r else "")
+        lines.append(
+            "| " + " | ".join([r["model"], f"{r['params_M']:.2f}", g] + [f"{r['img_per_s'][str(b)]:.1f}" for b in args.batches]) + " |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    meta = {
+        "size": args.size,
+        "device": args.device,
+        "dtype": "bf16 autocast" if args.device == "cuda" else "float32",
+        "threads": torch.get_num_threads(),
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "batches": args.batches,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "macs_counter": "torch.utils.flop_counter.FlopCounterMode, batch 1, MACs = FLOPs / 2 (FFTs and element-wise ops not counted)",
+    }
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=1))
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
