@@ -18,6 +18,7 @@ import tyro
 # name -> (module, converter function, one line on what it reads)
 CONVERTERS: dict[str, tuple[str, str, str]] = {
     "ilrm": ("vision3d.recon.ilrm", "convert_ilrm_checkpoint", "Gynjn/iLRM Lightning .ckpt (encoder.scaler.*)"),
+    "dimer": ("vision3d.recon.dimer", "convert_dimer_checkpoint", "lutao2021/DiMeR geometry or texture .ckpt (lrm_generator.*)"),
 }
 
 
@@ -75,8 +76,16 @@ def run(args: Args) -> int:
 
     state = get_converter(args.method)(read_checkpoint(Path(args.source)))
     dest = Path(args.dest)
-    save_weights(dest, state, metadata={"converted_from": str(args.source), "method": args.method})
+    module = importlib.import_module(CONVERTERS[args.method][0])
     n = sum(v.numel() for v in state.values())
+    if hasattr(module, "infer_config") and hasattr(module, "save_converted"):
+        # models whose loader reads a config json beside the weights
+        module.save_converted(dest, state, module.infer_config(state))
+    else:
+        from vision3d.utils.io import write_text_atomic
+
+        save_weights(dest, state, metadata={"converted_from": str(args.source), "method": args.method})
+        info = {"method": args.method, "source": str(args.source), "tensors": len(state), "parameters": n}
+        write_text_atomic(dest.with_suffix(".json"), json.dumps(info, indent=1))
     print(f"wrote {dest}: {len(state)} tensors, {n / 1e6:.2f} M parameters")
-    (dest.with_suffix(".json")).write_text(json.dumps({"method": args.method, "source": str(args.source), "tensors": len(state), "parameters": n}, indent=1))
     return 0
