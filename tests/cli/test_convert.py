@@ -21,11 +21,13 @@ def test_convert_ilrm_lightning_checkpoint(tmp_path, capsys):
     assert main(["convert", "--list"]) == 0 and "dimer" in capsys.readouterr().out
 
 
+class Arbitrary:
+    """Stands for any pickled object a checkpoint may smuggle in."""
+
+
 def test_convert_refuses_pickled_objects(tmp_path):
     import pytest
 
-    import collections
-
-    torch.save({"state_dict": {}, "obj": collections.Counter("ab")}, tmp_path / "bad.ckpt")
+    torch.save({"state_dict": {}, "obj": Arbitrary()}, tmp_path / "bad.ckpt")
     with pytest.raises(ValueError, match="weights_only"):
         main(["convert", "ilrm", str(tmp_path / "bad.ckpt"), str(tmp_path / "x.safetensors")])
