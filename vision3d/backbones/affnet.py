@@ -47,7 +47,6 @@ has unreleased ``base``/``large`` modes, which are not registered here.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -55,103 +54,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import ClassifierHead, ConvNormAct, DropPath, GroupNorm1, make_divisible, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 
-__all__ = ["AFFNet", "checkpoint_filter_fn", "require_local_weights", "check_converted_state_dict"]
+from vision3d.backbones._helpers import check_converted_state_dict, require_local_weights, unwrap_state_dict
+from vision3d.backbones._helpers import check_input as _check_input
 
-
-# ---------------------------------------------------------------------------------------------
-# helpers shared with the other vision3d backbones (ffnet.py imports them)
-# ---------------------------------------------------------------------------------------------
-def require_local_weights(variant: str, pretrained: bool, kwargs: Dict[str, Any], where: str) -> None:
-    """Raise a clear error when ``pretrained=True`` has no local weights to load.
-
-    vision3d never downloads weights at run time: ``pretrained=True`` needs
-    ``pretrained_cfg_overlay=dict(file=path)`` (or ``state_dict=...``).
-
-    Args:
-        variant: registered model name (``affnet_et``).
-        pretrained: the ``pretrained`` argument of the model function.
-        kwargs: the model function's keyword arguments (read, not modified).
-        where: human-readable location of the authors' weights, printed in the error.
-    """
-    if not pretrained:
-        return
-    cfg = resolve_pretrained_cfg(
-        variant,
-        pretrained_cfg=kwargs.get("pretrained_cfg"),
-        pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
-    )
-    name = f"{variant}.{cfg.tag}" if getattr(cfg, "tag", None) else variant
-    if cfg.state_dict is not None:
-        return
-    if not cfg.file:
-        source = cfg.url or where
-        raise ValueError(
-            f"{name}: pretrained=True needs a local weights file (vision3d does not download weights); "
-            f"get the checkpoint from {source} and pass "
-            f"timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/ckpt'))"
-        )
-    if not Path(cfg.file).is_file():
-        raise FileNotFoundError(f"{name}: pretrained_cfg_overlay file {cfg.file!r} does not exist")
-
-
-def unwrap_state_dict(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    """The tensor dict inside a checkpoint: EMA weights first, then ``model``/``state_dict``.
-
-    Also strips a DistributedDataParallel ``module.`` prefix.
-    """
-    sd = checkpoint
-    for key in ("state_dict_ema", "model_ema", "ema", "model", "state_dict", "net"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict) and sd[key]:
-            sd = sd[key]
-            break
-    if not isinstance(sd, dict):
-        raise ValueError(f"checkpoint: expected a dict of tensors, got {type(sd).__name__}")
-    return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items() if torch.is_tensor(v)}
-
-
-def check_converted_state_dict(
-    state_dict: Dict[str, torch.Tensor], model: nn.Module, skip: Sequence[str] = ()
-) -> None:
-    """Raise ``ValueError`` naming the variant, key and shapes when a converted checkpoint does not fit.
-
-    Args:
-        state_dict: converted (vision3d layout) tensors.
-        model: the target model; its ``pretrained_cfg['architecture']`` names the variant.
-        skip: key prefixes not checked for shape (the classifier, which timm drops when
-            ``num_classes`` differs).
-    """
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    variant = cfg.get("architecture", type(model).__name__)
-    own = model.state_dict()
-    skipped = lambda k: any(k.startswith(s) for s in skip)  # noqa: E731
-    mismatched = [  # in the model's order, so the first entries are the earliest layers
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape) and not skipped(k)
-    ]
-    unexpected = [k for k in state_dict if k not in own and not skipped(k)]
-    missing = [k for k in own if k not in state_dict and not k.endswith("num_batches_tracked") and not skipped(k)]
-    if mismatched or unexpected or missing:
-        parts = []
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatch(es), e.g. {mismatched[:3]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
-        raise ValueError(
-            f"{variant}: checkpoint does not fit this variant (is it from another variant?): " + "; ".join(parts)
-        )
-
-
-def _check_input(x: torch.Tensor, in_chans: int, name: str) -> None:
-    if x.ndim != 4 or x.shape[1] != in_chans:
-        raise ValueError(f"{name}: expected an image batch [B, {in_chans}, H, W], got shape {tuple(x.shape)}")
-    if x.shape[2] < 1 or x.shape[3] < 1:
-        raise ValueError(f"{name}: input spatial size must be at least 1x1, got {tuple(x.shape[2:])}")
+__all__ = ["AFFNet", "checkpoint_filter_fn"]
 
 
 # ---------------------------------------------------------------------------------------------

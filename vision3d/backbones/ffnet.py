@@ -61,12 +61,8 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 from timm.utils.model import reparameterize_model
 
-from vision3d.backbones.affnet import (
-    _check_input,
-    check_converted_state_dict,
-    require_local_weights,
-    unwrap_state_dict,
-)
+from vision3d.backbones._helpers import check_converted_state_dict, require_local_weights, unwrap_state_dict
+from vision3d.backbones._helpers import check_input as _check_input
 
 __all__ = ["FFNet", "checkpoint_filter_fn"]
 

@@ -1,0 +1,353 @@
+"""EWA: Experts Weights Averaging, a training scheme for timm Vision Transformers.
+
+Source
+------
+- Paper: Yongqi Huang, Peng Ye, Xiaoshui Huang, Sheng Li, Tao Chen, Tong He, Wanli Ouyang,
+  "Experts Weights Averaging: A New General Training Scheme for Vision Transformers", 2023,
+  arXiv:2308.06093. No official code repository was reachable when this was written; everything here
+  follows the paper's description. Written for vision3d (Apache-2.0); no weights are released.
+
+The scheme
+----------
+EWA is not a new architecture. During training, selected FFNs of a ViT are replaced by MoE layers
+(:class:`EWAMoE`, built on :class:`vision3d.layers.moe.MoE`) whose experts start as copies of the FFN
+and whose tokens are routed by *random uniform partition*: the ``T`` tokens of the batch are randomly
+permuted and split into ``E`` equal parts, one per expert (no gate, no auxiliary loss, each token sees
+exactly one expert with weight 1). After every optimiser step the experts of each MoE are averaged
+towards each other with the *share rate* ``beta`` (each expert keeps ``1 - beta`` of itself and
+receives ``beta`` spread evenly over the other ``E - 1`` experts), for every parameter tensor:
+
+.. math::
+
+    W_i \\leftarrow (1 - \\beta)\\, W_i + \\frac{\\beta}{E - 1} \\sum_{j \\ne i} W_j
+    \\;=\\; \\bar W + \\Bigl(1 - \\frac{\\beta E}{E - 1}\\Bigr)(W_i - \\bar W),
+    \\qquad \\bar W = \\frac{1}{E}\\sum_j W_j .
+
+The update keeps the experts' mean :math:`\\bar W` fixed and shrinks every expert's deviation from it
+by :math:`1 - \\beta E / (E - 1)`. After training each MoE collapses into one FFN with weights
+:math:`\\bar W` (:func:`ewa_to_vit`), which gives back a standard timm ViT. In ``eval()`` mode an
+:class:`EWAMoE` already computes with :math:`\\bar W`, so evaluation during training measures the
+model that will be deployed.
+
+API
+---
+- :func:`vit_to_ewa` / :func:`ewa_to_vit`: dense FFN -> MoE with copied experts, MoE -> dense (in place);
+  :func:`collapse_state_dict`: the same on a state dict (EWA checkpoint -> timm ViT checkpoint).
+- :func:`ewa_average_` (one MoE) and :class:`EWAHook` (every MoE of a model):
+  ``hook = EWAHook(model, share_rate); ... optimizer.step(); hook.step()`` in a plain loop, or
+  ``hook.attach(optimizer)`` to run after every ``optimizer.step()`` through
+  ``optimizer.register_step_post_hook``.
+- Registered training-time variants ``ewa_vit_{tiny,small,base}_patch16_224``
+  (:class:`EWAVisionTransformer`, a timm ``VisionTransformer``): ``num_experts=4`` experts in every
+  other block, ``moe_blocks = (1, 3, 5, 7, 9, 11)`` (the V-MoE "every 2" placement); both are
+  constructor arguments. They default to ``dynamic_img_size=True, dynamic_img_pad=True`` (any input
+  size: position embedding resampled, sizes not divisible by 16 zero padded; the state dict is the
+  same as the fixed-size ViT's). ``pretrained=True`` takes a local dense timm ViT checkpoint (experts are
+  initialised as copies of its FFNs) or an EWA checkpoint via ``pretrained_cfg_overlay=dict(file=...)``.
+
+Training-time parameter counts (1000 classes; each MoE block adds ``E - 1`` FFN copies)
+
+==========================  ============  ====================  ==========================
+timm name                   dense ViT     per-FFN parameters    training time (E=4, 6 MoE)
+==========================  ============  ====================  ==========================
+ewa_vit_tiny_patch16_224     5,717,416       295,872            11,043,112
+ewa_vit_small_patch16_224   22,050,664     1,181,568            43,318,888
+ewa_vit_base_patch16_224    86,567,656     4,722,432           171,571,432
+==========================  ============  ====================  ==========================
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter_fn
+from torch import Tensor
+
+from vision3d.backbones._helpers import check_converted_state_dict, require_local_weights, unwrap_state_dict
+from vision3d.layers.moe import MoE, RandomUniformPartitionRouter, experts_mean_state
+
+__all__ = [
+    "EWAMoE",
+    "EWAHook",
+    "EWAVisionTransformer",
+    "ewa_average_",
+    "vit_to_ewa",
+    "ewa_to_vit",
+    "collapse_state_dict",
+    "checkpoint_filter_fn",
+]
+
+
+class EWAMoE(MoE):
+    """MoE with random-uniform-partition routing; in ``eval()`` it runs the experts' mean (the collapsed FFN)."""
+
+    def __init__(self, experts: Sequence[nn.Module], generator: Optional[torch.Generator] = None):
+        super().__init__(experts, RandomUniformPartitionRouter(len(experts), generator))
+
+    @classmethod
+    def from_dense(cls, ffn: nn.Module, num_experts: int, generator: Optional[torch.Generator] = None) -> "EWAMoE":
+        import copy
+
+        return cls([copy.deepcopy(ffn) for _ in range(num_experts)], generator)
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., C] -> [..., C]
+        if self.training:
+            return super().forward(x)
+        self.aux_loss = None
+        return torch.func.functional_call(self.experts[0], experts_mean_state(self.experts), (x,))
+
+
+@torch.no_grad()
+def ewa_average_(moe: MoE, share_rate: float) -> None:
+    """One EWA step on ``moe`` in place: ``W_i <- (1 - beta) W_i + beta / (E - 1) * sum_{j != i} W_j``.
+
+    Applied to every parameter tensor (and floating buffer) of the experts; a no-op for ``E == 1``.
+    """
+    if not 0.0 <= share_rate <= 1.0:
+        raise ValueError(f"ewa_average_: share_rate must be in [0, 1], got {share_rate}")
+    E = len(moe.experts)
+    if E < 2 or share_rate == 0.0:
+        return
+    named = [dict(e.named_parameters()) for e in moe.experts]
+    keep = 1.0 - share_rate * E / (E - 1)  # coefficient on W_i after rewriting with the sum
+    give = share_rate / (E - 1)  # coefficient on sum_j W_j
+    for name in named[0]:
+        ws = [n[name] for n in named]
+        total = torch.stack([w.detach() for w in ws]).sum(0)
+        for w in ws:
+            w.mul_(keep).add_(total, alpha=give)
+
+
+def _ewa_modules(model: nn.Module) -> List[MoE]:
+    return [m for m in model.modules() if isinstance(m, EWAMoE)]
+
+
+class EWAHook:
+    """Experts Weights Averaging after every optimiser step.
+
+    Args:
+        model: a model containing :class:`EWAMoE` layers.
+        share_rate: ``beta`` in [0, 1] (see the module docstring).
+
+    Use ``hook.step()`` after ``optimizer.step()``, or ``hook.attach(optimizer)`` once (returns the
+    removable handle of ``optimizer.register_step_post_hook``).
+    """
+
+    def __init__(self, model: nn.Module, share_rate: float):
+        if not 0.0 <= share_rate <= 1.0:
+            raise ValueError(f"EWAHook: share_rate must be in [0, 1], got {share_rate}")
+        self.moes = _ewa_modules(model)
+        if not self.moes:
+            raise ValueError(f"EWAHook: {type(model).__name__} has no EWAMoE layer; convert it with vit_to_ewa first")
+        self.share_rate = share_rate
+
+    def step(self) -> None:
+        for moe in self.moes:
+            ewa_average_(moe, self.share_rate)
+
+    def __call__(self, optimizer: Any = None, args: Any = None, kwargs: Any = None) -> None:
+        self.step()
+
+    def attach(self, optimizer: torch.optim.Optimizer):
+        return optimizer.register_step_post_hook(self)
+
+
+def _default_moe_blocks(depth: int) -> List[int]:
+    return list(range(1, depth, 2))
+
+
+def vit_to_ewa(
+    model: nn.Module, moe_blocks: Optional[Iterable[int]] = None, num_experts: int = 4
+) -> nn.Module:
+    """Replace ``model.blocks[i].mlp`` by an :class:`EWAMoE` of ``num_experts`` copies, in place.
+
+    Args:
+        model: a timm ViT-like model (``model.blocks[i].mlp``).
+        moe_blocks: block indices (default: every other block, ``1, 3, 5, ...``).
+        num_experts: experts per MoE (>= 1).
+    """
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError(f"vit_to_ewa: {type(model).__name__} has no .blocks (expected a timm VisionTransformer)")
+    if num_experts < 1:
+        raise ValueError(f"vit_to_ewa: num_experts must be >= 1, got {num_experts}")
+    idx = _default_moe_blocks(len(blocks)) if moe_blocks is None else list(moe_blocks)
+    for i in idx:
+        if not 0 <= i < len(blocks):
+            raise ValueError(f"vit_to_ewa: moe block {i} out of range for a model with {len(blocks)} blocks")
+        mlp = blocks[i].mlp
+        if isinstance(mlp, MoE):
+            raise ValueError(f"vit_to_ewa: block {i} is already an MoE")
+        blocks[i].mlp = EWAMoE.from_dense(mlp, num_experts)
+    return model
+
+
+def ewa_to_vit(model: nn.Module) -> nn.Module:
+    """Collapse every :class:`EWAMoE` of ``model`` into one FFN with the experts' mean weights, in place."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, EWAMoE):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], module.to_dense())
+    if isinstance(model, EWAVisionTransformer):
+        model.moe_blocks = ()
+    return model
+
+
+def collapse_state_dict(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """EWA state dict -> dense one: ``X.experts.{e}.Y`` (all ``e``) become their mean under ``X.Y``."""
+    import re
+
+    groups: Dict[str, List[Tensor]] = {}
+    out: Dict[str, Tensor] = {}
+    for k, v in state_dict.items():
+        m = re.match(r"^(.*)\.experts\.(\d+)\.(.*)$", k)
+        if m:
+            groups.setdefault(f"{m.group(1)}.{m.group(3)}", []).append(v)
+        else:
+            out[k] = v
+    for k, vs in groups.items():
+        out[k] = torch.stack([v.float() for v in vs]).mean(0).to(vs[0].dtype)
+    return out
+
+
+class EWAVisionTransformer(VisionTransformer):
+    """timm ``VisionTransformer`` whose ``moe_blocks`` FFNs are :class:`EWAMoE` layers (training time).
+
+    Args:
+        moe_blocks: block indices turned into MoE (default every other block ``1, 3, 5, ...``).
+        num_experts: experts per MoE.
+        **kwargs: ``VisionTransformer`` arguments.
+    """
+
+    def __init__(self, moe_blocks: Optional[Sequence[int]] = None, num_experts: int = 4, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.vit_kwargs = dict(kwargs)
+        self.num_experts = num_experts
+        self.moe_blocks = tuple(_default_moe_blocks(len(self.blocks)) if moe_blocks is None else moe_blocks)
+        vit_to_ewa(self, self.moe_blocks, num_experts)
+
+    def _check_input(self, x: Tensor) -> None:
+        c = self.patch_embed.proj.in_channels
+        if x.ndim != 4 or x.shape[1] != c:
+            name = (getattr(self, "pretrained_cfg", None) or {}).get("architecture", type(self).__name__)
+            raise ValueError(f"{name}: expected input [B, {c}, H, W], got {tuple(x.shape)}")
+
+    def forward_features(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:  # [B, 3, H, W] -> [B, tokens, C]
+        self._check_input(x)
+        return super().forward_features(x, *args, **kwargs)
+
+    def forward_intermediates(self, x: Tensor, *args: Any, **kwargs: Any):
+        """timm's ``VisionTransformer.forward_intermediates`` after an input check."""
+        self._check_input(x)
+        return super().forward_intermediates(x, *args, **kwargs)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        names = {n for n, _ in self.named_parameters()}
+        return {n for n in super().no_weight_decay() if n in names}
+
+    def to_vit(self) -> VisionTransformer:
+        """A plain timm ``VisionTransformer`` holding the collapsed (expert-mean) weights."""
+        vit = VisionTransformer(**self.vit_kwargs)
+        vit.load_state_dict(collapse_state_dict(self.state_dict()))
+        if hasattr(self, "pretrained_cfg"):
+            vit.pretrained_cfg = dict(self.pretrained_cfg)
+        return vit.to(next(self.parameters()).device)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: EWAVisionTransformer) -> Dict[str, Tensor]:
+    """Dense timm ViT checkpoint (experts become copies of each FFN) or EWA checkpoint -> this model's keys.
+
+    timm's ViT filter runs first (patch-embed/position-embedding resizing, layer renames). Raises
+    ``ValueError`` naming the variant and keys when the checkpoint does not fit.
+    """
+    sd = unwrap_state_dict(state_dict)
+    sd = _vit_filter_fn(sd, model)
+    own = model.state_dict()
+    out: Dict[str, Tensor] = {}
+    for k, v in sd.items():
+        if k in own:
+            out[k] = v
+            continue
+        prefix, _, leaf = k.rpartition(".mlp.")
+        if prefix and f"{prefix}.mlp.experts.0.{leaf}" in own:
+            for e in range(len(model.get_submodule(f"{prefix}.mlp").experts)):
+                out[f"{prefix}.mlp.experts.{e}.{leaf}"] = v.clone()
+        else:
+            out[k] = v
+    if getattr(model, "num_classes", 0) == 0:
+        out = {k: v for k, v in out.items() if not k.startswith("head.")}
+    check_converted_state_dict(out, model, skip=("head.",))
+    return out
+
+
+def _create_ewa_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> EWAVisionTransformer:
+    require_local_weights(variant, pretrained, kwargs, "a timm ViT checkpoint you trained or downloaded yourself")
+    out_indices = kwargs.pop("out_indices", 3)
+    kwargs.setdefault("dynamic_img_size", True)  # any input size (position embedding resampled)
+    kwargs.setdefault("dynamic_img_pad", True)  # sizes not divisible by the patch are zero padded
+    return build_model_with_cfg(
+        EWAVisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return {
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "apache-2.0",
+        "paper_ids": "arXiv:2308.06093",
+        "paper_name": "Experts Weights Averaging: A New General Training Scheme for Vision Transformers",
+        "notes": (
+            "Training-time model: no released weights. pretrained=True takes a local dense timm ViT (or EWA) "
+            "checkpoint through pretrained_cfg_overlay=dict(file=...).",
+        ),
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "ewa_vit_tiny_patch16_224.untrained": _cfg(),
+        "ewa_vit_small_patch16_224.untrained": _cfg(),
+        "ewa_vit_base_patch16_224.untrained": _cfg(),
+    }
+)
+
+
+@register_model
+def ewa_vit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> EWAVisionTransformer:
+    """ViT-Ti/16 with EWA MoE layers (4 experts in blocks 1, 3, ..., 11)."""
+    args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return _create_ewa_vit("ewa_vit_tiny_patch16_224", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def ewa_vit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> EWAVisionTransformer:
+    """ViT-S/16 with EWA MoE layers (4 experts in blocks 1, 3, ..., 11)."""
+    args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_ewa_vit("ewa_vit_small_patch16_224", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def ewa_vit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> EWAVisionTransformer:
+    """ViT-B/16 with EWA MoE layers (4 experts in blocks 1, 3, ..., 11)."""
+    args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_ewa_vit("ewa_vit_base_patch16_224", pretrained, **dict(args, **kwargs))
