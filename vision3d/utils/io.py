@@ -15,6 +15,8 @@ from typing import Iterator
 def check_writable_dir(path: str | os.PathLike) -> Path:
     """Create ``path`` (and parents) if needed and check it is a writable folder."""
     p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise NotADirectoryError(f"{p}: expected a folder for outputs, found a file")
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -36,6 +38,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     check_writable_dir(final.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp" + final.suffix, dir=final.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     tmp_path = Path(tmp)
     try:
         yield tmp_path

@@ -1,0 +1,50 @@
+"""`vision3d doctor`: sections, install lines for missing extras, JSON output, exit code 0."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from vision3d.cli import doctor
+from vision3d.cli.main import main
+
+
+def test_doctor_prints_every_section(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    for section in ("== versions", "== cuda", "== gsplat kernels", "== extras"):
+        assert section in out
+    for name in ("python", "torch", "torchvision", "timm", "gsplat", "kornia", "numpy", "opencv"):
+        assert f"  {name} " in out
+    for extra in ("[xformers]", "[mesh] open3d", "[mesh] trimesh", "[sfm]", "[viewer]", "[gen]", "[lpips]"):
+        assert extra in out
+    if not torch.cuda.is_available():
+        assert "skipped: no CUDA" in out
+        assert "usable: no" in out
+
+
+def test_doctor_missing_extras_name_their_pip_line(capsys):
+    rep = doctor.collect(doctor.Args())
+    for row in rep["extras"]:
+        if not row["installed"]:
+            assert row["install"].startswith("pip install ")
+            assert f"vision3d[{row['extra']}]" in row["install"]
+    text = doctor.format_report(rep)
+    missing = [r for r in rep["extras"] if not r["installed"]]
+    assert text.count("missing -> pip install") == len(missing)
+    lp = [r for r in rep["extras"] if r["module"] == "lpips"][0]
+    assert "weights" in lp
+
+
+def test_doctor_json_parses(capsys):
+    assert doctor.run(doctor.Args(json=True)) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["versions"]["torch"] == torch.__version__.split("+")[0]
+    assert rep["cuda"]["usable"] == torch.cuda.is_available()
+    assert set(rep) >= {"versions", "cuda", "gsplat_kernels", "extras"}
+
+
+def test_doctor_gsplat_check_without_cuda_is_skipped():
+    assert doctor.check_gsplat_kernels(False)["status"] == "skipped: no CUDA"
+    assert doctor.check_gsplat_kernels(True, skip=True)["status"].startswith("skipped")
