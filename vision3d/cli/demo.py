@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from vision3d.train.scene_fit import SceneFitConfig
+from vision3d.utils.io import to_plain
 
 
 def _demo_fit_config() -> SceneFitConfig:
@@ -129,17 +130,8 @@ def resolved_fit_config(args: Args) -> SceneFitConfig:
 def config_to_dict(args: Args) -> dict:
     """Plain YAML/JSON values of the resolved config (tuples as lists, paths as strings)."""
 
-    def plain(v):
-        if isinstance(v, Path):
-            return str(v)
-        if isinstance(v, (tuple, list)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    d = {f.name: plain(getattr(args, f.name)) for f in fields(args) if f.name != "fit"}
-    d["fit"] = plain(asdict(resolved_fit_config(args)))
+    d = {f.name: to_plain(getattr(args, f.name)) for f in fields(args) if f.name != "fit"}
+    d["fit"] = to_plain(asdict(resolved_fit_config(args)))
     return d
 
 

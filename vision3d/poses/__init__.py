@@ -1,1 +1,26 @@
-"""Camera estimation for unposed images."""
+"""Camera estimation for unposed images.
+
+One interface (:class:`PoseEstimator`, registered by name): ``known`` (cameras given with the photos),
+``colmap`` (incremental SfM with pycolmap, the ``[sfm]`` extra); feed-forward estimators register the
+same way. :mod:`vision3d.poses.path` makes smooth camera paths through posed cameras.
+"""
+
+from .base import (
+    PoseEstimationError,
+    PoseEstimator,
+    PoseInput,
+    PoseResult,
+    create_pose_estimator,
+    list_pose_estimators,
+    register_pose_estimator,
+)
+
+__all__ = [
+    "PoseEstimationError",
+    "PoseEstimator",
+    "PoseInput",
+    "PoseResult",
+    "create_pose_estimator",
+    "list_pose_estimators",
+    "register_pose_estimator",
+]

@@ -59,3 +59,14 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def to_plain(value):
+    """Nested config values -> YAML/JSON-safe data (paths to str, tuples to lists)."""
+    if isinstance(value, os.PathLike):
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        return [to_plain(x) for x in value]
+    if isinstance(value, dict):
+        return {k: to_plain(x) for k, x in value.items()}
+    return value

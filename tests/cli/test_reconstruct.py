@@ -1,0 +1,221 @@
+"""End-to-end tests of ``vision3d reconstruct`` on a tiny procedural scene with known cameras (CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tests.poses.helpers import make_photo_folder, photo_cameras, run_args, tiny_run
+from vision3d.cli.main import main
+
+
+def test_outputs_present_and_parseable():
+    from vision3d.gaussians.ply import load_ply
+    from vision3d.geometry.colmap import read_colmap
+    from vision3d.geometry.transforms_json import read_transforms_json
+    from vision3d.utils.images import load_png
+    from vision3d.utils.video import read_video_info
+
+    run = tiny_run()
+    m = json.loads((run / "metrics.json").read_text())
+    g = load_ply(run / "scene.ply")
+    assert g.num == m["num_gaussians"] == m["init"]["num_gaussians"] == 300  # 6 steps end before the first refinement
+    assert m["init"]["method"] == "sfm" and m["images"]["registered"] == 8 and m["test"]["count"] == 2
+    assert math.isfinite(m["test"]["psnr"]) and m["test"]["psnr"] > 10.0
+    assert 0.0 < m["test"]["ssim"] <= 1.0
+    assert [v["image"] for v in m["test"]["views"]] == ["img_00.png", "img_04.png"]
+    assert m["steps"] == 6 and [h["step"] for h in m["history"]] == list(range(1, 7))
+    # cameras/: COLMAP text model and transforms.json agree with each other and with the true cameras
+    truth = photo_cameras(8, 32, 24)
+    model = read_colmap(run / "cameras")
+    cams, names, dist = model.to_cameras()
+    assert dist is None and names == [f"img_{i:02d}.png" for i in range(8)] and len(model.points3D) == 300
+    torch.testing.assert_close(cams.cam_to_world, truth.cam_to_world, atol=1e-4, rtol=0)
+    torch.testing.assert_close(cams.K, truth.K, atol=1e-4, rtol=0)
+    tj = read_transforms_json(run / "cameras" / "transforms.json")
+    torch.testing.assert_close(tj.cameras.cam_to_world, truth.cam_to_world, atol=1e-4, rtol=0)
+    assert all(p.is_file() for p in tj.image_paths)
+    # held-out renders: render | photo, side by side
+    for name in ("img_00", "img_04"):
+        im = load_png(run / "renders" / f"{name}.png")
+        assert im.shape == (3, 24, 2 * 32 + 2)
+    info = read_video_info(run / "video.mp4")
+    assert info["frames"] == 4 and (info["width"], info["height"]) == (32, 24)
+    state = json.loads((run / "ckpt" / "state.json").read_text())
+    assert state["step"] == 6 and state["total_steps"] == 6
+    assert not list(run.rglob("*.tmp*")), "atomic writes left temporary files"
+
+
+def test_fit_improves_on_the_initialisation():
+    from vision3d.eval.metrics import psnr
+    from vision3d.gaussians.ply import load_ply
+    from vision3d.train.reconstruct import load_run
+    from vision3d.render import rasterize
+    from vision3d.train.scene_fit import gaussians_from_points
+
+    run = tiny_run()
+    images, _, cams, pts, cols, _ = load_run(run)
+    init = gaussians_from_points(pts, cols, opacity=0.1)
+    fitted = load_ply(run / "scene.ply")
+    with torch.no_grad():
+        p0 = psnr(rasterize(init, cams, mode="RGB", backend="torch").colors.clamp(0, 1), images).mean()
+        p1 = psnr(rasterize(fitted, cams, mode="RGB", backend="torch").colors.clamp(0, 1), images).mean()
+    assert p1 > p0 + 0.5
+
+
+def test_interrupt_then_resume(tmp_path, monkeypatch):
+    import vision3d.train.scene_fit as sf
+
+    folder, _ = make_photo_folder(tmp_path, n=6, width=24, height=16, num_points=150)
+    out = tmp_path / "run"
+    real = sf.fit_scene
+
+    def interrupted(init, images, cameras, config=None, callback=None):
+        def cb(step, g, entry):
+            callback(step, g, entry)
+            if step >= 3:
+                raise KeyboardInterrupt
+
+        return real(init, images, cameras, config, callback=cb)
+
+    monkeypatch.setattr(sf, "fit_scene", interrupted)
+    assert main(run_args(folder, out, 6, "--holdout-every", "3", "--no-video", "--ckpt-every", "100")) == 130
+    state = json.loads((out / "ckpt" / "state.json").read_text())
+    assert state["step"] == 3 and (out / "ckpt" / "scene.ply").is_file()
+    assert not (out / "scene.ply").exists() and not (out / "metrics.json").exists()
+    monkeypatch.setattr(sf, "fit_scene", real)
+    # without --resume the folder is refused
+    assert main(run_args(folder, out, 6, "--holdout-every", "3", "--no-video")) == 2
+    assert main(run_args(folder, out, 6, "--holdout-every", "3", "--no-video", "--resume")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["resumed_from_step"] == 3 and m["steps"] == 6
+    assert [h["step"] for h in m["history"]] == list(range(1, 7))
+
+
+def test_transforms_json_random_init_no_holdout(tmp_path):
+    folder, _ = make_photo_folder(tmp_path, n=4, width=24, height=16, cameras="transforms")
+    out = tmp_path / "run"
+    args = run_args(folder, out, 2, "--init", "random", "--random-init-count", "200", "--no-video")
+    args[args.index("--holdout-every") + 1] = "0"
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["init"] == {"method": "random", "num_gaussians": 200} and m["test"]["count"] == 0
+    assert not (out / "video.mp4").exists() and (out / "scene.ply").is_file()
+
+
+# ------------------------------------------------------------------ bad input
+def _fails(args, capsys, *needles, code=2):
+    assert main(args) == code
+    err = capsys.readouterr().err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def test_too_few_images(tmp_path, capsys):
+    folder, _ = make_photo_folder(tmp_path, n=4, width=24, height=16, cameras="transforms")
+    for p in sorted(folder.glob("img_0[23].png")):
+        p.unlink()
+    _fails(run_args(folder, tmp_path / "run", 2), capsys, str(folder), "at least 3")
+
+
+def test_unreadable_image(tmp_path, capsys):
+    folder, _ = make_photo_folder(tmp_path, n=4, width=24, height=16, cameras="transforms")
+    (folder / "img_01.png").write_bytes(b"not a png")
+    _fails(run_args(folder, tmp_path / "run", 2), capsys, "img_01.png", "cannot read")
+
+
+def test_wildly_different_sizes(tmp_path, capsys):
+    from vision3d.utils.images import save_png
+
+    folder, _ = make_photo_folder(tmp_path, n=4, width=24, height=16, cameras="none")
+    save_png(folder / "img_02.png", torch.rand(3, 40, 10))
+    _fails(run_args(folder, tmp_path / "run", 2, "--poses", "colmap"), capsys, "img_02.png", "aspect")
+
+
+def test_video_opencv_cannot_open(tmp_path, capsys):
+    bad = tmp_path / "clip.mp4"
+    bad.write_bytes(b"\x00" * 64)
+    _fails(run_args(bad, tmp_path / "run", 2, "--poses", "colmap"), capsys, "clip.mp4", "OpenCV")
+
+
+def test_known_poses_without_cameras(tmp_path, capsys):
+    folder, _ = make_photo_folder(tmp_path, n=4, width=24, height=16, cameras="none")
+    _fails(run_args(folder, tmp_path / "run", 2), capsys, "--cameras", "--poses colmap")
+
+
+def test_missing_input_and_non_empty_out(tmp_path, capsys):
+    _fails(run_args(tmp_path / "nope", tmp_path / "run", 2), capsys, "nope")
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "x").write_text("x")
+    folder, _ = make_photo_folder(tmp_path, n=4, width=24, height=16, cameras="transforms")
+    _fails(run_args(folder, out, 2), capsys, "--resume", "--overwrite")
+
+
+def test_mesh_without_open3d_names_the_pip_line(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from vision3d.utils.optional import available
+
+    if available("open3d"):
+        pytest.skip("open3d is installed")
+    folder, _ = make_photo_folder(tmp_path, n=4, width=24, height=16, cameras="transforms")
+    _fails(run_args(folder, tmp_path / "run", 2, "--mesh"), capsys, "pip install", "open3d", code=3)
+    assert not (tmp_path / "run").exists()
+
+
+def test_sfm_failure_is_explained(tmp_path, capsys):
+    pytest.importorskip("pycolmap")
+    from vision3d.utils.images import save_png
+
+    folder = tmp_path / "noise"
+    g = torch.Generator().manual_seed(0)
+    for i in range(3):
+        save_png(folder / f"n{i}.png", torch.rand(3, 64, 80, generator=g))
+    err = _fails(run_args(folder, tmp_path / "run", 2, "--poses", "colmap"), capsys, "registered", "overlap")
+    assert "of 3 images" in err
+
+
+@pytest.mark.slow
+def test_sfm_poses_match_the_truth_up_to_similarity(tmp_path):
+    pytest.importorskip("pycolmap")
+    from vision3d.data.synthetic import synthetic_cameras
+    from vision3d.gaussians.procedural import procedural_scene
+    from vision3d.train.reconstruct import load_run
+    from tests.poses.helpers import make_video_like_folder
+
+    folder = make_video_like_folder(tmp_path)  # 14 frames, 160x120, a 90-degree arc
+    out = tmp_path / "run"
+    args = run_args(folder, out, 2, "--poses", "colmap", "--sfm-threads", "1", "--no-video",
+                    "--fit.background", "1", "1", "1")  # one thread: COLMAP is deterministic
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["poses"]["estimator"] == "colmap" and m["poses"]["registered"] >= 3 and m["init"]["method"] == "sfm"
+    _, files, cams, pts, _, _ = load_run(out)
+    truth = synthetic_cameras(14, procedural_scene(seed=3, density=1.5).target, 2.4, 160, 120, seed=1, arc_deg=90)
+    idx = [int(f[1:3]) for f in files]
+    a, b = cams.centers.double(), truth.centers.double()[idx]
+    a0, b0 = a - a.mean(0), b - b.mean(0)
+    U, S, Vt = torch.linalg.svd(b0.T @ a0)
+    D = torch.eye(3, dtype=torch.float64)
+    D[2, 2] = torch.sign(torch.det(U @ Vt))
+    R = U @ D @ Vt
+    s = (S * D.diagonal()).sum() / a0.pow(2).sum()
+    err = (s * a0 @ R.T - b0).norm(dim=-1)
+    assert float(err.max()) < 0.1 * float(b0.norm(dim=-1).mean() + 0.5)
+
+
+def test_video_input_frames(tmp_path):
+    from vision3d.train.reconstruct import ReconstructConfig, load_input
+    from vision3d.utils.video import write_video
+
+    frames = [torch.full((3, 24, 32), i / 20) for i in range(20)]
+    video = write_video(tmp_path / "clip.mp4", frames, fps=10)
+    inp = load_input(ReconstructConfig(video, tmp_path / "run", video_frames=5, sharpness_window=2), 16, False)
+    assert inp.is_video and inp.cameras is None and len(inp.names) == 5 and inp.names[0] == "frame_000000"
+    assert inp.images.shape == (5, 3, 12, 16)  # longest side capped at 16
+    with pytest.raises(ValueError, match="video has none"):
+        load_input(ReconstructConfig(video, tmp_path / "run"), None, True)
