@@ -125,14 +125,9 @@ class TrainConfig:
 
 # ------------------------------------------------------------------------------------------------
 def to_dict(cfg) -> dict:
-    def conv(v):
-        if isinstance(v, tuple):
-            return list(v)
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        return v
+    from vision3d.utils.io import to_plain
 
-    return {k: conv(v) if not dataclasses.is_dataclass(v) else to_dict(v) for k, v in dataclasses.asdict(cfg).items()}
+    return {k: to_dict(v) if dataclasses.is_dataclass(v) else to_plain(v) for k, v in dataclasses.asdict(cfg).items()}
 
 
 def from_dict(cls, data: dict, source: str = "config", prefix: str = ""):
