@@ -15,6 +15,8 @@ from typing import Callable
 
 import tyro
 
+from vision3d.utils.io import read_checkpoint
+
 # name -> (module, converter function, one line on what it reads)
 CONVERTERS: dict[str, tuple[str, str, str]] = {
     "ilrm": ("vision3d.recon.ilrm", "convert_ilrm_checkpoint", "Gynjn/iLRM Lightning .ckpt (encoder.scaler.*)"),
@@ -33,25 +35,6 @@ def get_converter(name: str) -> Callable[[dict], dict]:
         raise KeyError(f"no converter named '{name}'; available: {', '.join(sorted(CONVERTERS))}")
     mod, fn, _ = CONVERTERS[name]
     return getattr(importlib.import_module(mod), fn)
-
-
-def read_checkpoint(path: Path) -> dict:
-    """Load a .ckpt/.pth/.pt (tensors and plain containers only) or a .safetensors file."""
-    import torch
-
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(
-            f"{path}: could not be read as tensors-only (weights_only=True) checkpoint ({e}); vision3d never "
-            "unpickles arbitrary objects -- re-save the state dict with torch.save(model.state_dict(), ...)"
-        ) from e
 
 
 @dataclass

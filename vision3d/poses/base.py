@@ -112,7 +112,7 @@ def register_pose_estimator(name: str):
 
 
 def _load_builtin() -> None:
-    from . import colmap, known  # noqa: F401 - registers "colmap" and "known"
+    from . import colmap, feedforward, known  # noqa: F401 - registers colmap, known, vggt, flashvggt
 
 
 def list_pose_estimators() -> list[str]:

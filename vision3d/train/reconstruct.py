@@ -91,7 +91,11 @@ class ReconstructConfig:
     """Run folder to write (refused if it is not empty, unless --resume or --overwrite)."""
 
     poses: str = "colmap"
-    """Pose estimator: colmap (incremental SfM with pycolmap, the [sfm] extra) or known (given cameras)."""
+    """Pose estimator: colmap (incremental SfM with pycolmap, the [sfm] extra), known (given cameras), or a
+    feed-forward network: vggt | flashvggt (needs --pose-weights)."""
+
+    pose_weights: Path | None = None
+    """--poses vggt|flashvggt: the model weights (the authors' checkpoint or a `vision3d convert` output)."""
 
     cameras: Path | None = None
     """Known cameras: a COLMAP model folder or a transforms.json (default: looked for beside the photos)."""
@@ -461,7 +465,11 @@ def reconstruct(cfg: ReconstructConfig) -> dict:
     t0 = time.perf_counter()
     posed_here = (out / "cameras" / "poses.json").is_file()
     if not (cfg.resume and posed_here):
-        kw = {"seed": cfg.seed, "num_threads": cfg.sfm_threads} if cfg.poses == "colmap" else {}
+        kw: dict = {}
+        if cfg.poses == "colmap":
+            kw = {"seed": cfg.seed, "num_threads": cfg.sfm_threads}
+        elif cfg.poses in ("vggt", "flashvggt"):
+            kw = {"weights": cfg.pose_weights, "device": dev}
         estimator = create_pose_estimator(cfg.poses, **kw)
         inputs = load_input(cfg, max_size, with_cameras=estimator.needs_known_cameras)
         result = estimator.estimate(inputs, out / "sfm")

@@ -70,3 +70,23 @@ def to_plain(value):
     if isinstance(value, dict):
         return {k: to_plain(x) for k, x in value.items()}
     return value
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a .ckpt/.pth/.pt (tensors and plain containers only) or a .safetensors file."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(
+            f"{path}: could not be read as tensors-only (weights_only=True) checkpoint ({e}); vision3d never "
+            "unpickles arbitrary objects -- re-save the state dict with torch.save(model.state_dict(), ...)"
+        ) from e
