@@ -185,8 +185,7 @@ def train(cfg: TrainConfig, dataset=None, max_steps: int | None = None) -> Train
         max_steps: stop after this global step (tests use it to interrupt a run); the schedule still
             follows ``cfg.optim.max_steps``.
     """
-    from vision3d.data.example import collate_views
-    from vision3d.data.samplers import SceneSampler
+    from vision3d.data import make_loader
 
     info = init_distributed(cfg.device)
     run, resume_from = prepare_run_dir(cfg, info)
@@ -237,16 +236,9 @@ def train(cfg: TrainConfig, dataset=None, max_steps: int | None = None) -> Train
 
     if dataset is None:
         dataset = build_dataset(cfg)
-    sampler = SceneSampler.for_dataset(
-        dataset, rank=info.rank, world_size=info.world_size, seed=cfg.seed, epochs=None,
-        batch_size=cfg.data.batch_size, start_step=0,
-    )
-    if sampler_state is not None:
-        sampler.load_state_dict(sampler_state)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-        collate_fn=collate_views, pin_memory=device.type == "cuda", drop_last=True,
-        persistent_workers=cfg.data.num_workers > 0,
+    loader, sampler = make_loader(
+        dataset, cfg.data.batch_size, rank=info.rank, world_size=info.world_size, seed=cfg.seed,
+        num_workers=cfg.data.num_workers, epochs=None, state=sampler_state, pin_memory=device.type == "cuda",
     )
     use_bf16 = cfg.precision == "bf16" and device.type == "cuda"
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
