@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 from timm.models._builder import resolve_pretrained_cfg
 
+from vision3d.utils.state import state_dict_differences
+
 __all__ = ["require_local_weights", "unwrap_state_dict", "check_converted_state_dict", "check_input"]
 
 
@@ -74,23 +76,8 @@ def check_converted_state_dict(
     """
     cfg = getattr(model, "pretrained_cfg", None) or {}
     variant = cfg.get("architecture", type(model).__name__)
-    own = model.state_dict()
-    skipped = lambda k: any(k.startswith(s) for s in skip)  # noqa: E731
-    mismatched = [  # in the model's order, so the first entries are the earliest layers
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape) and not skipped(k)
-    ]
-    unexpected = [k for k in state_dict if k not in own and not skipped(k)]
-    missing = [k for k in own if k not in state_dict and not k.endswith("num_batches_tracked") and not skipped(k)]
-    if mismatched or unexpected or missing:
-        parts = []
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatch(es), e.g. {mismatched[:3]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
+    parts = state_dict_differences(model.state_dict(), state_dict, skip)
+    if parts:
         raise ValueError(
             f"{variant}: checkpoint does not fit this variant (is it from another variant?): " + "; ".join(parts)
         )

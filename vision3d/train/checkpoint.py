@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from vision3d.utils.state import state_dict_differences
+
 
 def _plain(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # clone: safetensors refuses tensors that share storage (tied weights, views)
@@ -94,18 +96,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[dict, dict, dict | Non
 
 def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
     """Strict load with an error that names what differs (another model or size)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    shape = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own.keys() & weights.keys() if own[k].shape != weights[k].shape]
-    if missing or unexpected or shape:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:3]})")
-        if shape:
-            parts.append(f"shape mismatches (e.g. {shape[:3]})")
+    parts = state_dict_differences(model.state_dict(), weights)
+    if parts:
         raise ValueError(f"{source}: checkpoint does not fit {type(model).__name__}: " + "; ".join(parts))
     model.load_state_dict(weights)
