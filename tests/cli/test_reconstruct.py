@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -156,12 +157,8 @@ def test_missing_input_and_non_empty_out(tmp_path, capsys):
     _fails(run_args(folder, out, 2), capsys, "--resume", "--overwrite")
 
 
-def test_mesh_without_open3d_names_the_pip_line(tmp_path, capsys):
-    pytest.importorskip("torch")
-    from vision3d.utils.optional import available
-
-    if available("open3d"):
-        pytest.skip("open3d is installed")
+def test_mesh_without_open3d_names_the_pip_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "open3d", None)  # import open3d now fails as if it were not installed
     folder, _ = make_photo_folder(tmp_path, n=4, width=24, height=16, cameras="transforms")
     _fails(run_args(folder, tmp_path / "run", 2, "--mesh"), capsys, "pip install", "open3d", code=3)
     assert not (tmp_path / "run").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -75,8 +77,8 @@ def test_io_errors(tmp_path):
         load_mesh(bad)
 
 
-@pytest.mark.skipif(available("open3d"), reason="open3d installed: the missing-extra path cannot run")
-def test_open3d_missing_names_pip_line():
+def test_open3d_missing_names_pip_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "open3d", None)  # import open3d now fails as if it were not installed
     m = _sphere_mesh(4)
     with pytest.raises(MissingDependencyError, match=r'pip install "vision3d\[mesh\]"'):
         m.clean()
