@@ -156,3 +156,64 @@ def test_epoch_loop_advances_and_set_epoch():
     assert sorted(e0) == sorted(e1) == list(range(6)) and e0 != e1
     s.set_epoch(0)
     assert [k.index for k in s] == e0 and s.state_dict() == {"seed": 4, "epoch": 1, "position": 0}
+
+
+def test_variable_context_count_rule():
+    kw = dict(num_context_views=2, num_context_views_max=6, min_gap=20, max_gap=50, warm_up_steps=0,
+              extra_views="farthest_point", num_target_views=4, targets_with_replacement=False)
+    s = BoundedViewSampler(count_seed=11, **kw)
+    counts = [s.context_count(step) for step in range(500)]
+    assert set(counts) == {2, 3, 4, 5, 6}  # both ends included, as random.randint
+    assert all(60 <= counts.count(c) <= 140 for c in range(2, 7))  # uniform: 100 expected each
+    assert counts == [BoundedViewSampler(count_seed=11, **kw).context_count(t) for t in range(500)]
+    assert counts != [BoundedViewSampler(count_seed=11, count_rank=1, **kw).context_count(t) for t in range(500)]
+    assert counts != [BoundedViewSampler(count_seed=12, **kw).context_count(t) for t in range(500)]
+    n = 200
+    c2w = torch.eye(4).repeat(n, 1, 1)
+    c2w[:, 0, 3] = torch.linspace(0, 4, n)
+    gaps = {c: set() for c in range(2, 7)}
+    for step in range(60):
+        for i in range(3):  # examples of one batch: different generators, same step -> same count
+            ctx, tgt = s.sample("x", n, c2w, _g(100 * step + i), step=step)
+            assert ctx.shape == (counts[step],) and (ctx.diff() > 0).all() and tgt.shape == (4,)
+            gaps[counts[step]].add(int(ctx[-1] - ctx[0]))
+    # the authors' gap shrink: bounds // max(6 // count, 1)
+    assert max(gaps[2]) <= 50 // 3 and min(gaps[2]) >= 20 // 3
+    assert max(gaps[3]) <= 50 // 2 and all(max(g) <= 50 for g in gaps.values())
+    assert max(gaps[6]) > 25
+    fixed = BoundedViewSampler(**{**kw, "shrink_gap": False})
+    assert max(int(fixed.sample("x", n, c2w, _g(t), step=t)[0].diff().sum()) for t in range(40)) > 25
+    # off: the old fixed-count behaviour, bit for bit
+    old = BoundedViewSampler(**{**kw, "num_context_views": 3, "num_context_views_max": None})
+    ref = BoundedViewSampler(**{**kw, "num_context_views": 3, "num_context_views_max": 3})
+    for t in range(10):
+        a, b = old.sample("x", n, c2w, _g(t), step=t), ref.sample("x", n, c2w, _g(t), step=t)
+        assert a[0].tolist() == b[0].tolist() and a[1].tolist() == b[1].tolist() and a[0].shape == (3,)
+    assert BoundedViewSampler(**{**kw, "stage": "test"}).context_count(5) == 2
+    with pytest.raises(ValueError, match="num_context_views_max=1 is below"):
+        BoundedViewSampler(num_context_views=2, num_context_views_max=1)
+
+
+def test_variable_count_batches_collate_and_resume(small_dataset):
+    from vision3d.data import ChunkDataset
+
+    sampler = BoundedViewSampler(num_context_views=2, num_context_views_max=4, min_gap=2, max_gap=5, warm_up_steps=0,
+                                 extra_views="farthest_point", count_seed=3)
+    ds = ChunkDataset(small_dataset.cfg, sampler)
+
+    def batches(state=None, n=10):
+        loader, _ = make_loader(ds, 2, seed=5, epochs=None, state=state)
+        out = []
+        for b in loader:
+            out.append(b)
+            if len(out) == n:
+                return out
+
+    full = batches()
+    counts = [b.context_indices.shape[1] for b in full]
+    assert len(set(counts)) > 1 and set(counts) <= {2, 3, 4}
+    assert all(b.context_images.shape[:2] == (2, c) for b, c in zip(full, counts))
+    assert counts == [sampler.context_count(step) for step in range(10)]
+    rest = batches(SceneSampler.state_after(full[3]), n=6)
+    sig = lambda bs: [(b.scenes, b.context_indices.tolist(), b.target_indices.tolist()) for b in bs]  # noqa: E731
+    assert sig(rest) == sig(full[4:])

@@ -15,6 +15,11 @@ Sources (facts read, no code copied):
   The published code clamps ``max_gap = min(num_views - 1, min_gap)`` for non-circular scenes,
   which makes the drawn gap always ``min_gap`` (MVSplat keeps this "to follow initial pixelsplat
   cfgs"); ``pixelsplat_gap_quirk=True`` reproduces it, the default draws in the full range.
+- The variable context count of :class:`BoundedViewSampler` (``num_context_views_max``) follows
+  iLRM's DL3DV training (Kang et al., arXiv:2507.23277, github.com/Gynjn/iLRM @2bca1c1, no licence
+  file: read for facts only): ``config/experiment/dl3dv.yaml`` sets ``min_views: 2, max_views: 6``
+  and ``ViewSamplerBoundedV2.sample`` draws the count uniformly in that range (inclusive) and divides
+  the gap bounds by ``max(max_views // count, 1)``.
 - :func:`many_view_sampler` is the ZPressor setting (Wang et al., arXiv:2505.23734,
   github.com/ziplab/ZPressor @84b3080, MIT, ``depthsplat/train.sh``): 12 (train) up to 36+ (eval) context views
   spread by farthest-point sampling over a wide gap, 8 targets.
@@ -103,9 +108,23 @@ class BoundedViewSampler:
     warmed up from 25..45 over 30k steps, 4 targets); DL3DV (DepthSplat ``boundedv2_dl3dv.yaml``):
     ``num_context_views=2..6, min_gap=20, max_gap=50, initial 15..30, warm_up_steps=10000,
     extra_views="farthest_point"``.
+
+    **Variable context count** (``num_context_views_max`` set; iLRM's DL3DV training, Gynjn/iLRM
+    ``config/experiment/dl3dv.yaml`` ``min_views: 2, max_views: 6`` read by
+    ``ViewSamplerBoundedV2.sample``): during training the count is drawn uniformly from
+    ``num_context_views..num_context_views_max`` (both inclusive) and, with ``shrink_gap``, both gap
+    bounds are divided (integer division) by ``max(num_context_views_max // count, 1)``, as the
+    authors do, so that few views are drawn closer together. The authors draw the count per example
+    with Python's ``random`` in each DataLoader worker and train with one example per GPU, so each
+    rank has its own count at each step. Here the count is a pure function of ``(count_seed,
+    count_rank, step)`` (:meth:`context_count`): :class:`SceneSampler` gives every example of a
+    batch the same ``step``, so a batch shares one count and collates, ranks draw independently,
+    and a resumed run (which restores the sampler position, hence the steps) draws the same counts.
+    At ``stage="test"`` the count is ``num_context_views``.
     """
 
     num_context_views: int = 2
+    num_context_views_max: int | None = None  # None: always num_context_views; else drawn per batch
     num_target_views: int = 4
     min_gap: int = 45  # frames between the outermost context views
     max_gap: int = 135
@@ -119,10 +138,18 @@ class BoundedViewSampler:
     stage: Literal["train", "test"] = "train"  # test: full gap, from frame 0, every frame a target
     cameras_are_circular: bool = False
     pixelsplat_gap_quirk: bool = False  # reproduce the published clamp (gap always == min_gap)
+    shrink_gap: bool = True  # with a variable count: gap bounds // max(num_context_views_max // count, 1)
+    count_seed: int = 0  # seed of the per-batch context count (the engine passes the run's seed)
+    count_rank: int = 0  # DDP rank, so that ranks draw their counts independently
 
     def __post_init__(self) -> None:
         if self.num_context_views < 1 or self.num_target_views < 0:
             raise ValueError("BoundedViewSampler: need num_context_views >= 1 and num_target_views >= 0")
+        if self.num_context_views_max is not None and self.num_context_views_max < self.num_context_views:
+            raise ValueError(
+                f"BoundedViewSampler: num_context_views_max={self.num_context_views_max} is below "
+                f"num_context_views={self.num_context_views}; give a max >= the min, or None for a fixed count"
+            )
         if self.min_gap > self.max_gap or self.initial_min_gap > self.initial_max_gap:
             raise ValueError(
                 f"BoundedViewSampler: min gap > max gap ({self.min_gap} > {self.max_gap} or initial "
@@ -144,6 +171,22 @@ class BoundedViewSampler:
             )
         return self.min_gap, self.max_gap
 
+    @property
+    def variable_count(self) -> bool:
+        """Whether training draws the context count per batch."""
+        return (
+            self.stage == "train"
+            and self.num_context_views_max is not None
+            and self.num_context_views_max > self.num_context_views
+        )
+
+    def context_count(self, step: int) -> int:
+        """Context views of every example of the batch at sampler step ``step`` (uniform, inclusive)."""
+        if not self.variable_count:
+            return self.num_context_views
+        choices = self.num_context_views_max - self.num_context_views + 1  # type: ignore[operator]
+        return self.num_context_views + _mix(self.count_seed, self.count_rank, step, 2) % choices
+
     def sample(
         self,
         scene: str,
@@ -153,10 +196,14 @@ class BoundedViewSampler:
         step: int = 0,
     ) -> tuple[Tensor, Tensor]:
         g = generator
+        n_ctx = self.context_count(step)
         min_gap, max_gap = self.gap_range(step)
+        if self.variable_count and self.shrink_gap:
+            factor = max(self.num_context_views_max // n_ctx, 1)  # type: ignore[operator]
+            min_gap, max_gap = min_gap // factor, max_gap // factor
         if not self.cameras_are_circular:
             max_gap = min(num_views - 1, min_gap if self.pixelsplat_gap_quirk else max_gap)
-        min_gap = max(2 * self.min_distance_to_context, min_gap, self.num_context_views - 1)
+        min_gap = max(2 * self.min_distance_to_context, min_gap, n_ctx - 1)
         if max_gap < min_gap:
             raise NotEnoughViews(
                 f"{scene}: {num_views} frames are too few for a context gap of at least {min_gap} frames"
@@ -182,8 +229,8 @@ class BoundedViewSampler:
             target = t_lo + torch.randperm(count, generator=g)[: self.num_target_views]
 
         # extra context views between the outer two
-        n_extra = self.num_context_views - 2
-        if self.num_context_views == 1:
+        n_extra = n_ctx - 2
+        if n_ctx == 1:
             context = torch.tensor([left])
         elif n_extra <= 0:
             context = torch.tensor([left, right])
@@ -191,10 +238,10 @@ class BoundedViewSampler:
             if cam_to_world is None:
                 raise ValueError("BoundedViewSampler: extra_views='farthest_point' needs the cameras")
             window = torch.arange(left, right + 1) % num_views
-            local = farthest_point_order(cam_to_world[window, :3, 3], self.num_context_views)
+            local = farthest_point_order(cam_to_world[window, :3, 3], n_ctx)
             context = window[local].sort().values  # ascending, as DepthSplat's sort_context_index
         elif self.extra_views == "uniform":
-            context = torch.linspace(left, right, self.num_context_views).round().long()
+            context = torch.linspace(left, right, n_ctx).round().long()
         else:
             inner = left + 1 + torch.randperm(gap - 1, generator=g)[:n_extra]
             context = torch.cat([torch.tensor([left]), inner.sort().values, torch.tensor([right])])

@@ -25,7 +25,13 @@ class DataConfig:
     image_shape: tuple[int, int] = (256, 256)
     """(height, width) after resize + centre crop."""
     num_context: int = 2
-    """Context views per example."""
+    """Context views per example (the smallest count when ``num_context_max`` is set)."""
+    num_context_max: int | None = None
+    """If set, each training batch draws its context count uniformly from ``num_context`` to this
+    (inclusive); all examples of a batch share it, DDP ranks draw independently, and the count is a
+    function of (seed, rank, step), so resuming reproduces it (iLRM on DL3DV: 2..6)."""
+    shrink_gap: bool = True
+    """With a variable count, divide both gap bounds by ``max(num_context_max // count, 1)`` (iLRM)."""
     num_target: int = 4
     """Target views rendered for the loss."""
     min_gap: int = 45

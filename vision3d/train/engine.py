@@ -139,15 +139,24 @@ def prepare_run_dir(cfg: TrainConfig, info: DistInfo) -> tuple[Path, Path | None
     return run, resume_from
 
 
-def build_dataset(cfg: TrainConfig, split: str = "train"):
-    """The training dataset described by ``cfg.data`` (RE10K/DL3DV chunks, bounded view sampler)."""
+def build_dataset(cfg: TrainConfig, split: str = "train", rank: int = 0):
+    """The training dataset described by ``cfg.data`` (RE10K/DL3DV chunks, bounded view sampler).
+
+    ``rank`` seeds this rank's sequence of per-batch context counts (``data.num_context_max``).
+    """
     from vision3d.data import BoundedViewSampler, ChunkDataset, ChunkDatasetConfig
 
     d = cfg.data
+    if d.num_context_max is not None and d.num_context_max < d.num_context:
+        raise ValueError(
+            f"config data.num_context_max={d.num_context_max} is below data.num_context={d.num_context}; "
+            "set it >= num_context, or null for a fixed count"
+        )
     sampler = BoundedViewSampler(
         num_context_views=d.num_context, num_target_views=d.num_target, min_gap=d.min_gap, max_gap=d.max_gap,
         warm_up_steps=d.gap_warmup_steps, initial_min_gap=d.initial_min_gap, initial_max_gap=d.initial_max_gap,
         extra_views=d.extra_views, targets_with_replacement=d.targets_with_replacement,
+        num_context_views_max=d.num_context_max, shrink_gap=d.shrink_gap, count_seed=cfg.seed, count_rank=rank,
     )
     data_cfg = ChunkDatasetConfig(
         roots=[d.root], split=split, image_shape=tuple(d.image_shape), near=d.near, far=d.far, skip_bad=d.skip_bad
@@ -235,7 +244,7 @@ def train(cfg: TrainConfig, dataset=None, max_steps: int | None = None) -> Train
     scheduler.step_update(step)
 
     if dataset is None:
-        dataset = build_dataset(cfg)
+        dataset = build_dataset(cfg, rank=info.rank)
     loader, sampler = make_loader(
         dataset, cfg.data.batch_size, rank=info.rank, world_size=info.world_size, seed=cfg.seed,
         num_workers=cfg.data.num_workers, epochs=None, state=sampler_state, pin_memory=device.type == "cuda",
@@ -268,6 +277,7 @@ def train(cfg: TrainConfig, dataset=None, max_steps: int | None = None) -> Train
             with (nullcontext() if sync else model.no_sync()):
                 loss, logs, pred = forward_loss(model, loss_fn, batch, step, autocast)
                 (loss / o.grad_accum).backward()
+            logs["context_views"] = float(batch.context_images.shape[1])  # varies with data.num_context_max
             for k, v in logs.items():
                 logs_acc[k] = logs_acc.get(k, 0.0) + v / o.grad_accum
             views_seen += batch.target_images.shape[0] * batch.target_images.shape[1] * info.world_size
