@@ -29,12 +29,32 @@ Configurations released: RealEstate10K, 2 context views at 256x256 (``ilrm_re10k
 context views, 256x448 centre crops of 270x480 frames (``ilrm_dl3dv``); both patch 8, width 768,
 head dim 64, 24 blocks (12 iterations). Image sides must be multiples of the patch size; the
 authors centre-crop to multiples of 64 (:func:`crop_to_multiple`).
+
+**Decoupled low-resolution view tokens** (``encoder="wide"``, ``ilrm_dl3dv_wide``): the paper's
+wide-coverage DL3DV model, released on the authors' ``wide`` branch (commit
+2da9d82b9aee3ac3c3161f65b797b48ac437be4e: ``ilrm.py`` ``IterativeLRM``, ``transformer.py``,
+``utils.py``, ``configs/ilrm.yaml``; checkpoints for 16 and 32 input views at 960x540, resized to
+960x544). Differences from the above, all taken from that code:
+
+- view tokens are built at ``1 / viewpoint_factor`` of the image resolution (factor 2 released):
+  rays through the pixel centres of the downscaled image (``K`` divided by the factor), per pixel
+  ``(o, d, o x d)`` (9 channels), patch ``p`` of the low-resolution grid;
+- support tokens at full resolution, per pixel ``(o, d, o x d, 2 * rgb - 1)`` (12 channels);
+- in the read blocks each view token asks two queries (query projection ``dim -> 2 dim``, the
+  pair interleaved in the last axis: feature ``(head, channel, query)``), both attend to the
+  view's support tokens, and the two outputs, interleaved the same way, are projected
+  ``2 dim -> dim``; self-attention blocks are unchanged;
+- one Gaussian per low-resolution pixel, 16 numbers: a 2-D sub-pixel offset
+  ``sigmoid(x) - 0.5`` (low-resolution pixels, ``(x, y)``) that moves the Gaussian's ray, then
+  the 14 above in the same order and with the same activations;
+- rendering: white background, near 0.01, far 1e6 (``configs/ilrm.yaml``).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +68,7 @@ from vision3d.layers.attention import attention
 from .base import ReconOutput, Reconstructor, register
 
 GAUSSIAN_CHANNELS = (3, 3, 3, 4, 1)  # depth logits, SH DC, scale, quaternion wxyz, opacity
+OFFSET_CHANNELS = 2  # encoder="wide": sub-pixel (x, y) offset before the 14 above
 
 
 @dataclass
@@ -68,12 +89,31 @@ class ILRMConfig:
     """Recompute block activations in the backward pass (the authors train with it on)."""
     attn_backend: str = "auto"
     """Attention backend: auto | sdpa | xformers | math."""
+    encoder: Literal["scale", "wide"] = "scale"
+    """'scale': the released main-branch encoder (view tokens and Gaussians at image resolution).
+    'wide': the authors' wide-coverage DL3DV encoder (view tokens and Gaussians at 1/viewpoint_factor
+    of the image resolution, two queries per view token in the read blocks, sub-pixel offsets)."""
+    viewpoint_factor: int = 1
+    """Image resolution / view-token resolution; above 1 only with encoder='wide' (released: 2)."""
 
     def __post_init__(self) -> None:
         if self.dim % self.head_dim:
             raise ValueError(f"ILRMConfig: dim={self.dim} is not a multiple of head_dim={self.head_dim}")
         if self.num_layers % 2:
             raise ValueError(f"ILRMConfig: num_layers={self.num_layers} must be even (read + self-attention pairs)")
+        if self.encoder not in ("scale", "wide"):
+            raise ValueError(f"ILRMConfig: encoder must be 'scale' or 'wide', got {self.encoder!r}")
+        if self.viewpoint_factor < 1:
+            raise ValueError(f"ILRMConfig: viewpoint_factor={self.viewpoint_factor} must be >= 1")
+        if self.encoder == "scale" and self.viewpoint_factor != 1:
+            raise ValueError(
+                f"ILRMConfig: viewpoint_factor={self.viewpoint_factor} needs encoder='wide' (the released "
+                "'scale' encoder has view tokens at image resolution)"
+            )
+
+    @property
+    def wide(self) -> bool:
+        return self.encoder == "wide"
 
 
 def _mlp(dim: int, ratio: float) -> nn.Sequential:
@@ -86,24 +126,27 @@ def _mlp(dim: int, ratio: float) -> nn.Sequential:
 class _Attention(nn.Module):
     """Pre-norm multi-head attention without biases, RMSNorm on per-head queries and keys."""
 
-    def __init__(self, dim: int, head_dim: int, cross: bool, backend: str):
+    def __init__(self, dim: int, head_dim: int, cross: bool, backend: str, queries_per_token: int = 1):
         super().__init__()
         self.heads, self.head_dim, self.cross, self.backend = dim // head_dim, head_dim, cross, backend
+        self.split = queries_per_token  # encoder="wide": 2 (cross-attention only)
         self.norm = nn.LayerNorm(dim, bias=False)
         if cross:
-            self.q = nn.Linear(dim, dim, bias=False)
+            self.q = nn.Linear(dim, self.split * dim, bias=False)
             self.kv = nn.Linear(dim, 2 * dim, bias=False)
         else:
             self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_norm = nn.RMSNorm(head_dim, eps=1e-5)
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-5)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.proj = nn.Linear(self.split * dim, dim, bias=False)
 
     def _heads(self, t: Tensor) -> Tensor:  # [B, N, dim] -> [B, heads, N, head_dim]
         return t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:  # x [B, N, dim], context [B, M, dim]
         h = self.norm(x)
+        if self.cross and self.split > 1:
+            return self._split_queries(h, context)
         if self.cross:
             q = self._heads(self.q(h))
             k, v = (self._heads(t) for t in self.kv(context).chunk(2, -1))
@@ -114,16 +157,31 @@ class _Attention(nn.Module):
         out = attention(q, k, v, backend=self.backend)
         return self.proj(out.transpose(1, 2).flatten(2))
 
+    def _split_queries(self, h: Tensor, context: Tensor) -> Tensor:  # h [B, N, dim] normed, context [B, M, dim]
+        """``split`` queries per token; the query features are laid out ``(head, channel, query)``."""
+        B, N, _ = h.shape
+        s, nh, hd = self.split, self.heads, self.head_dim
+        q = self.q(h).unflatten(-1, (nh, hd, s))  # [B, N, nh, hd, s]
+        q = q.permute(0, 2, 1, 4, 3).reshape(B, nh, N * s, hd)  # queries ordered (token, query)
+        k, v = (self._heads(t) for t in self.kv(context).chunk(2, -1))
+        q = self.q_norm(q.float()).to(v.dtype)
+        k = self.k_norm(k.float()).to(v.dtype)
+        out = attention(q, k, v, backend=self.backend)  # [B, nh, N*s, hd]
+        out = out.unflatten(2, (N, s)).permute(0, 2, 1, 4, 3)  # [B, N, nh, hd, s]
+        return self.proj(out.reshape(B, N, nh * hd * s))
+
 
 class ReadBlock(nn.Module):
     """View tokens of each view read the support tokens of the same view."""
 
     def __init__(self, cfg: ILRMConfig):
         super().__init__()
-        self.attn = _Attention(cfg.dim, cfg.head_dim, cross=True, backend=cfg.attn_backend)
+        self.attn = _Attention(
+            cfg.dim, cfg.head_dim, cross=True, backend=cfg.attn_backend, queries_per_token=2 if cfg.wide else 1
+        )
         self.mlp = _mlp(cfg.dim, cfg.mlp_ratio)
 
-    def forward(self, x: Tensor, support: Tensor, views: int) -> Tensor:  # x, support [B, V*L, dim]
+    def forward(self, x: Tensor, support: Tensor, views: int) -> Tensor:  # x [B, V*L, dim], support [B, V*M, dim]
         xv = x.unflatten(1, (views, -1)).flatten(0, 1)  # [B*V, L, dim]
         sv = support.unflatten(1, (views, -1)).flatten(0, 1)
         x = x + self.attn(xv, sv).unflatten(0, (x.shape[0], views)).flatten(1, 2)
@@ -168,7 +226,8 @@ def crop_to_multiple(images: Tensor, cameras: Cameras, multiple: int) -> tuple[T
 
 
 class ILRM(Reconstructor):
-    """Posed context views -> one pixel-aligned Gaussian per context pixel (batch [B], N = V*H*W)."""
+    """Posed context views -> one pixel-aligned Gaussian per context pixel (batch [B], N = V*H*W);
+    with ``encoder="wide"`` one per pixel of the ``1 / viewpoint_factor`` grid (N = V*(H/f)*(W/f))."""
 
     render_kwargs = dict(background=(1.0, 1.0, 1.0), near_plane=0.01, far_plane=500.0, rasterize_mode="classic")
 
@@ -177,14 +236,18 @@ class ILRM(Reconstructor):
         cfg = ILRMConfig(**{**asdict(cfg or ILRMConfig()), **overrides})  # a private copy
         self.cfg = cfg
         p, d = cfg.patch_size, cfg.dim
-        self.ray_embed = nn.Linear(6 * p * p, d, bias=False)
+        view_ch, support_ch = (9, 12) if cfg.wide else (6, 9)
+        out_ch = sum(GAUSSIAN_CHANNELS) + (OFFSET_CHANNELS if cfg.wide else 0)
+        self.ray_embed = nn.Linear(view_ch * p * p, d, bias=False)
         self.ray_norm = nn.LayerNorm(d, bias=False)
-        self.support_embed = nn.Linear(9 * p * p, d, bias=False)
+        self.support_embed = nn.Linear(support_ch * p * p, d, bias=False)
         self.support_norm = nn.LayerNorm(d, bias=False)
         self.blocks = nn.ModuleList(
             [ReadBlock(cfg) if i % 2 == 0 else SelfBlock(cfg) for i in range(cfg.num_layers)]
         )
-        self.head = nn.Sequential(nn.LayerNorm(d, bias=False), nn.Linear(d, sum(GAUSSIAN_CHANNELS) * p * p, bias=False))
+        self.head = nn.Sequential(nn.LayerNorm(d, bias=False), nn.Linear(d, out_ch * p * p, bias=False))
+        if cfg.wide:  # the wide branch renders with far 1e6 (configs/ilrm.yaml gaussians.far_plane)
+            self.render_kwargs = {**ILRM.render_kwargs, "far_plane": 1e6}
         self.apply(self._init)
 
     @staticmethod
@@ -201,6 +264,8 @@ class ILRM(Reconstructor):
         cameras: Cameras,  # batch [B, V], OpenCV cam_to_world, K in pixels
     ) -> ReconOutput:
         self.check_inputs(images, cameras, "ilrm")
+        if self.cfg.wide:
+            return self._forward_wide(images, cameras)
         B, V, _, H, W = images.shape
         p = self.cfg.patch_size
         if H % p or W % p:
@@ -216,12 +281,7 @@ class ILRM(Reconstructor):
         support_pix = torch.cat([images.float() * 2 - 1, rays], 2)
         x = self.ray_norm(self.ray_embed(_patchify(rays, p)))
         support = self.support_norm(self.support_embed(_patchify(support_pix, p)))
-        for blk in self.blocks:
-            args = (x, support, V) if isinstance(blk, ReadBlock) else (x,)
-            if self.cfg.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, *args, use_reentrant=False)
-            else:
-                x = blk(*args)
+        x = self._process(x, support, V)
         raw = _unpatchify(self.head(x).float(), V, H, W, p)  # [B, V, H*W, 14]
         depth_logits, sh_dc, scale, rot, opacity = raw.split(GAUSSIAN_CHANNELS, -1)
         distance = depth_logits.mean(-1, keepdim=True).sigmoid() * self.cfg.max_distance  # [B, V, H*W, 1]
@@ -241,6 +301,57 @@ class ILRM(Reconstructor):
         z = distance.reshape(B, V, H, W) / d_z1.norm(dim=-1)
         return ReconOutput(gaussians=gaussians, depth=z.unsqueeze(2), extras={"raw": raw})
 
+    def _process(self, x: Tensor, support: Tensor, views: int) -> Tensor:  # x [B, V*L, dim], support [B, V*M, dim]
+        for blk in self.blocks:
+            args = (x, support, views) if isinstance(blk, ReadBlock) else (x,)
+            if self.cfg.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, *args, use_reentrant=False)
+            else:
+                x = blk(*args)
+        return x
+
+    def _forward_wide(self, images: Tensor, cameras: Cameras) -> ReconOutput:
+        """``encoder="wide"``: view tokens and Gaussians on the ``1 / viewpoint_factor`` grid."""
+        B, V, _, H, W = images.shape
+        p, f = self.cfg.patch_size, self.cfg.viewpoint_factor
+        if H % (p * f) or W % (p * f):
+            raise ValueError(
+                f"ilrm: image size {W}x{H} is not a multiple of patch size x viewpoint factor = {p * f}; "
+                f"centre-crop first with vision3d.recon.ilrm.crop_to_multiple(images, cameras, {p * f}) "
+                "(the authors resize 960x540 to 960x544)"
+            )
+        h, w = H // f, W // f
+        cameras = cameras.to(device=images.device, dtype=torch.float32)
+        low = cameras.resize(w, h)  # K divided by f: the view-token grid
+        with torch.no_grad():
+            o, d = cameras.rays(normalize=True)  # [B, V, H, W, 3]
+            rays = torch.cat([o, d, torch.cross(o, d, dim=-1)], -1).permute(0, 1, 4, 2, 3)  # [B, V, 9, H, W]
+            support_pix = torch.cat([rays, images.float() * 2 - 1], 2)  # [B, V, 12, H, W]
+            lo, ld = low.rays(normalize=True)  # [B, V, h, w, 3]
+            view_pix = torch.cat([lo, ld, torch.cross(lo, ld, dim=-1)], -1).permute(0, 1, 4, 2, 3)  # [B, V, 9, h, w]
+        x = self.ray_norm(self.ray_embed(_patchify(view_pix, p)))  # [B, V*(h/p)*(w/p), dim]
+        support = self.support_norm(self.support_embed(_patchify(support_pix, p)))  # [B, V*(H/p)*(W/p), dim]
+        x = self._process(x, support, V)
+        raw = _unpatchify(self.head(x).float(), V, h, w, p)  # [B, V, h*w, 16]
+        offset, depth_logits, sh_dc, scale, rot, opacity = raw.split((OFFSET_CHANNELS, *GAUSSIAN_CHANNELS), -1)
+        offset = offset.sigmoid() - 0.5  # [B, V, h*w, 2] low-resolution pixels, (x, y)
+        uv = low.pixel_grid().reshape(h * w, 2) + offset  # [B, V, h*w, 2]
+        uv1 = torch.cat([uv, torch.ones_like(uv[..., :1])], -1)
+        d_cam = torch.einsum("bvij,bvnj->bvni", torch.linalg.inv(low.K), uv1)  # camera z = 1
+        dirs = F.normalize(torch.einsum("bvij,bvnj->bvni", low.rotation, d_cam), dim=-1)  # [B, V, h*w, 3]
+        distance = depth_logits.mean(-1, keepdim=True).sigmoid() * self.cfg.max_distance  # [B, V, h*w, 1]
+        means = low.centers[:, :, None, :] + distance * dirs
+        n = V * h * w
+        gaussians = Gaussians(
+            means=means.reshape(B, n, 3),
+            quats=F.normalize(rot, dim=-1).reshape(B, n, 4),
+            scales=(scale - 6.9).clamp(max=-1.2).exp().reshape(B, n, 3),
+            opacities=(opacity - 2.0).sigmoid().reshape(B, n),
+            sh=sh_dc.reshape(B, n, 1, 3),
+        )
+        z = (distance[..., 0] / d_cam.norm(dim=-1)).reshape(B, V, 1, h, w)  # camera z of each Gaussian
+        return ReconOutput(gaussians=gaussians, extras={"raw": raw, "offsets": offset, "depth_lowres": z})
+
 
 # ---------------------------------------------------------------------------------------------
 # the authors' checkpoint layout -> ours
@@ -251,6 +362,12 @@ _RENAMES = [
     (r"^support_tokenizer\.", "support_embed."),
     (r"^support_layernorm\.", "support_norm."),
     (r"^token_decoder\.", "head."),
+    # the wide branch's IterativeLRM (nn.Sequential(Rearrange, Linear, LayerNorm) tokenizers)
+    (r"^viewpoint_tokenizer\.1\.", "ray_embed."),
+    (r"^viewpoint_tokenizer\.2\.", "ray_norm."),
+    (r"^image_tokenizer\.1\.", "support_embed."),
+    (r"^image_tokenizer\.2\.", "support_norm."),
+    (r"^viewpoint_token_decoder\.", "head."),
     (r"^processor\.blocks\.(\d+)\.read_cross\.", r"blocks.\1.attn."),
     (r"^processor\.blocks\.(\d+)\.attn\.", r"blocks.\1.attn."),
     (r"^processor\.blocks\.(\d+)\.(read_ff|mlp)\.norm\.", r"blocks.\1.mlp.0."),
@@ -261,9 +378,12 @@ _RENAMES = [
 
 def convert_ilrm_checkpoint(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The authors' weights (a Lightning ``.ckpt`` dict, its ``state_dict``, or a bare ``Scaler``
-    state dict) -> an :class:`ILRM` state dict. LPIPS-loss weights and other non-model keys are dropped."""
+    state dict; or the wide branch's ``{"model": IterativeLRM state dict}`` ``.pt``) -> an
+    :class:`ILRM` state dict. LPIPS-loss weights and other non-model keys are dropped."""
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    elif "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
     prefix = "encoder.scaler."
     if any(k.startswith(prefix) for k in state):
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -289,13 +409,19 @@ def convert_ilrm_checkpoint(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def config_from_state_dict(state: dict[str, Tensor]) -> ILRMConfig:
-    """Infer patch size, width and depth from a converted state dict (head_dim is not recoverable
-    from shapes alone; the released models use 64)."""
+def config_from_state_dict(state: dict[str, Tensor], viewpoint_factor: int = 2) -> ILRMConfig:
+    """Infer patch size, width, depth and encoder from a converted state dict. The wide encoder's
+    ``viewpoint_factor`` does not show in the weights: ``viewpoint_factor`` (released: 2) is used."""
     dim = state["ray_embed.weight"].shape[0]
-    p = int(round((state["ray_embed.weight"].shape[1] / 6) ** 0.5))
+    wide = state["blocks.0.attn.q.weight"].shape[0] == 2 * dim
+    p = int(round((state["ray_embed.weight"].shape[1] / (9 if wide else 6)) ** 0.5))
     layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     head_dim = state["blocks.0.attn.q_norm.weight"].shape[0]
+    if wide:
+        return ILRMConfig(
+            patch_size=p, dim=dim, head_dim=head_dim, num_layers=layers, encoder="wide",
+            viewpoint_factor=viewpoint_factor,
+        )
     return ILRMConfig(patch_size=p, dim=dim, head_dim=head_dim, num_layers=layers)
 
 
@@ -323,6 +449,7 @@ def load_ilrm(path: str, **overrides) -> ILRM:
 VARIANTS: dict[str, ILRMConfig] = {
     "ilrm_re10k": ILRMConfig(),  # 2 views, 256x256
     "ilrm_dl3dv": ILRMConfig(),  # 2-6 views, 256x448
+    "ilrm_dl3dv_wide": ILRMConfig(encoder="wide", viewpoint_factor=2),  # 16 or 32 views, 960x544 (wide branch)
     "ilrm_tiny": ILRMConfig(patch_size=4, dim=64, head_dim=16, num_layers=4),  # tests and CPU runs
 }
 
