@@ -11,6 +11,10 @@ Images go through VGGT's own preprocessing (:func:`~vision3d.recon.vggt.preproce
 predicted intrinsics are mapped back to the input size through the same crop and resize. The
 world frame is the first camera's, with VGGT's arbitrary scale.
 
+With ``bundle_adjust=True`` the predicted cameras are refined as in VGGT's ``demo_colmap.py``, by
+a bundle adjustment on SIFT tracks (:mod:`vision3d.poses.bundle_adjust`, pycolmap, the ``[sfm]``
+extra); its triangulated points, with their colours, replace the depth points.
+
 Written for vision3d (Apache-2.0).
 """
 
@@ -27,6 +31,7 @@ from torch import nn
 from vision3d.geometry import Cameras
 
 from .base import PoseEstimationError, PoseEstimator, PoseInput, PoseResult, register_pose_estimator
+from .bundle_adjust import BundleAdjustOptions, bundle_adjust
 
 
 class FeedForwardPoses(PoseEstimator):
@@ -45,6 +50,8 @@ class FeedForwardPoses(PoseEstimator):
         max_points: int = 100_000,  # subsample the point cloud to at most this many points
         model: nn.Module | None = None,  # an already built model (tests, notebooks)
         model_name: str | None = None,  # another registered variant of the same family (e.g. vggt_tiny)
+        bundle_adjust: bool = False,  # refine the predicted cameras by bundle adjustment (needs pycolmap)
+        ba_options: BundleAdjustOptions | dict | None = None,  # its settings (fields of BundleAdjustOptions)
     ) -> None:
         if model_name is not None:
             self.model_name = model_name
@@ -52,6 +59,14 @@ class FeedForwardPoses(PoseEstimator):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" else torch.device(device)
         self.resolution, self.conf_percentile, self.max_points = int(resolution), float(conf_percentile), int(max_points)
         self._model = model
+        self.bundle_adjust = bool(bundle_adjust)
+        if isinstance(ba_options, dict):
+            ba_options = BundleAdjustOptions(**ba_options)
+        if ba_options is not None and not isinstance(ba_options, BundleAdjustOptions):
+            raise TypeError(
+                f"{type(self).__name__}: ba_options must be BundleAdjustOptions or a dict, got {type(ba_options)}"
+            )
+        self.ba_options = ba_options or BundleAdjustOptions()
 
     # ------------------------------------------------------------------ model
     def model(self) -> nn.Module:
@@ -108,6 +123,16 @@ class FeedForwardPoses(PoseEstimator):
         K = pred.K.clone()
         K[..., 1, 2] += (resized_h - h) // 2
         cameras = Cameras(K, pred.cam_to_world, w, resized_h).resize(W, H)
+        info = {
+            "estimator": self.name, "model": self.model_name, "registered": V, "input_images": V,
+            "network_size": [int(w), int(h)], "weights": str(self.weights) if self.weights else None,
+        }
+        if self.bundle_adjust:
+            ba = bundle_adjust(inputs.images, cameras, Path(work_dir) / "bundle_adjust", self.ba_options,
+                               names=inputs.names)
+            info.update(points=int(ba.points.shape[0]), seconds=time.perf_counter() - t0, bundle_adjustment=ba.info)
+            return PoseResult(images=inputs.images, names=list(inputs.names), cameras=ba.cameras,
+                              points=ba.points, colors=ba.colors, info=info)
 
         # sparse points: confident depth pixels unprojected with the predicted cameras
         depth = out.depth[0, :, 0].float().cpu()  # [V, h, w]
@@ -121,11 +146,7 @@ class FeedForwardPoses(PoseEstimator):
         if pts.shape[0] > self.max_points:
             idx = torch.randperm(pts.shape[0], generator=torch.Generator().manual_seed(0))[: self.max_points]
             pts, cols = pts[idx], cols[idx]
-        info = {
-            "estimator": self.name, "model": self.model_name, "registered": V, "input_images": V,
-            "network_size": [int(w), int(h)], "points": int(pts.shape[0]), "seconds": time.perf_counter() - t0,
-            "weights": str(self.weights) if self.weights else None,
-        }
+        info.update(points=int(pts.shape[0]), seconds=time.perf_counter() - t0)
         return PoseResult(images=inputs.images, names=list(inputs.names), cameras=cameras,
                           points=pts.contiguous(), colors=cols.contiguous().clamp(0, 1), info=info)
 
