@@ -45,8 +45,8 @@ def test_outputs_present_and_parseable():
         assert im.shape == (3, 24, 2 * 32 + 2)
     info = read_video_info(run / "video.mp4")
     assert info["frames"] == 4 and (info["width"], info["height"]) == (32, 24)
-    state = json.loads((run / "ckpt" / "state.json").read_text())
-    assert state["step"] == 6 and state["total_steps"] == 6
+    state = torch.load(run / "ckpt" / "state.pt", weights_only=True)
+    assert state["fit"]["step"] == 6 and state["fit"]["steps"] == 6
     assert not list(run.rglob("*.tmp*")), "atomic writes left temporary files"
 
 
@@ -74,18 +74,17 @@ def test_interrupt_then_resume(tmp_path, monkeypatch):
     out = tmp_path / "run"
     real = sf.fit_scene
 
-    def interrupted(init, images, cameras, config=None, callback=None):
+    def interrupted(init, images, cameras, config=None, callback=None, **kw):
         def cb(step, g, entry):
-            callback(step, g, entry)
             if step >= 3:
                 raise KeyboardInterrupt
 
-        return real(init, images, cameras, config, callback=cb)
+        return real(init, images, cameras, config, callback=cb, **kw)
 
     monkeypatch.setattr(sf, "fit_scene", interrupted)
     assert main(run_args(folder, out, 6, "--holdout-every", "3", "--no-video", "--ckpt-every", "100")) == 130
-    state = json.loads((out / "ckpt" / "state.json").read_text())
-    assert state["step"] == 3 and (out / "ckpt" / "scene.ply").is_file()
+    state = torch.load(out / "ckpt" / "state.pt", weights_only=True)
+    assert state["fit"]["step"] == 3 and (out / "ckpt" / "scene.ply").is_file()
     assert not (out / "scene.ply").exists() and not (out / "metrics.json").exists()
     monkeypatch.setattr(sf, "fit_scene", real)
     # without --resume the folder is refused
@@ -216,3 +215,49 @@ def test_video_input_frames(tmp_path):
     assert inp.images.shape == (5, 3, 12, 16)  # longest side capped at 16
     with pytest.raises(ValueError, match="video has none"):
         load_input(ReconstructConfig(video, tmp_path / "run"), None, True)
+
+
+# ------------------------------------------------------------------ --init <reconstructor>, --pose-ba, --mesh
+def test_init_from_a_reconstructor(tmp_path, capsys):
+    from vision3d import recon
+    from vision3d.train.checkpoint import save_weights
+
+    folder, _ = make_photo_folder(tmp_path, n=6, width=32, height=24, num_points=150)
+    torch.manual_seed(0)
+    weights = tmp_path / "ilrm_tiny.safetensors"
+    save_weights(weights, recon.create("ilrm_tiny").state_dict())
+    # fails before the pose stage without weights, naming the flag and the converter
+    _fails(run_args(folder, tmp_path / "r0", 2, "--init", "ilrm_tiny"), capsys, "--init-weights", "vision3d convert")
+    _fails(run_args(folder, tmp_path / "r1", 2, "--init", "no_such_model", "--init-weights", str(weights)), capsys,
+           "no_such_model", "ilrm_re10k")
+    assert not (tmp_path / "r0" / "images").exists()
+    out = tmp_path / "run"
+    args = run_args(folder, out, 3, "--init", "ilrm_tiny", "--init-weights", str(weights), "--no-video",
+                    "--max-init-gaussians", "500")
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    init = m["init"]
+    assert init["method"] == "ilrm_tiny" and 0 < init["num_gaussians"] <= 500
+    assert init["reconstructor"]["method"] == "ilrm_tiny" and len(init["reconstructor"]["context_views"]) >= 2
+    assert "init" in m["time_s"] and math.isfinite(m["test"]["psnr"])
+    # the checkpoint keeps the reconstructor's info for a resume
+    state = torch.load(out / "ckpt" / "state.pt", weights_only=True)
+    assert state["init"]["reconstructor"]["method"] == "ilrm_tiny"
+
+
+def test_pose_ba_needs_a_feedforward_estimator(tmp_path, capsys):
+    folder, _ = make_photo_folder(tmp_path, n=4, width=24, height=16, cameras="transforms")
+    _fails(run_args(folder, tmp_path / "run", 2, "--pose-ba"), capsys, "--pose-ba", "vggt|flashvggt", "known")
+
+
+def test_mesh_is_written(tmp_path):
+    pytest.importorskip("open3d")
+    from vision3d.mesh.mesh import load_mesh
+
+    folder, _ = make_photo_folder(tmp_path, n=6, width=32, height=24, num_points=300)
+    out = tmp_path / "run"
+    assert main(run_args(folder, out, 3, "--mesh", "--no-video")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    mesh = load_mesh(out / "mesh.ply")
+    assert m["mesh"]["vertices"] == mesh.num_vertices > 0 and m["mesh"]["triangles"] == mesh.num_faces > 0
+    assert m["mesh"]["views"] == 6 and "mesh" in m["time_s"]

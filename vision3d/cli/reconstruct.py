@@ -6,6 +6,9 @@ Examples::
     vision3d reconstruct photos/ --out runs/garden --poses known --cameras photos/transforms.json
     vision3d reconstruct clip.mp4 --out runs/clip --video-frames 60 --steps 3000 --device cuda
     vision3d reconstruct photos/ --out runs/garden --resume              # after Ctrl-C
+    vision3d reconstruct photos/ --out runs/garden --mesh                # + mesh.ply (TSDF, [mesh] extra)
+    vision3d reconstruct photos/ --out runs/garden --poses vggt --pose-weights vggt.pt --pose-ba
+    vision3d reconstruct photos/ --out runs/garden --init ilrm_re10k --init-weights re10k.ckpt
 
 The run folder holds ``scene.ply``, ``images/`` and ``cameras/`` (COLMAP text model and
 ``transforms.json``), ``renders/`` (held-out render | photo), ``metrics.json``, ``video.mp4``,

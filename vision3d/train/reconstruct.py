@@ -5,7 +5,7 @@ The library side of ``vision3d reconstruct``. Stages:
 1. **Input** (:mod:`vision3d.data.folder`): an image folder (EXIF orientation, the mixed-size
    policy) or a video (evenly spread frames, the sharpest per window); optional known cameras
    (``--cameras``, or ``transforms.json`` / ``sparse/0`` / ``cameras.txt`` found beside the photos);
-   downscaled so the longest side is at most ``max_size``.
+   downscaled so the longest side is at most ``pose_max_size`` for pose estimation, then to ``max_size``.
 2. **Poses** (:mod:`vision3d.poses`): a registered pose estimator (``known``, ``colmap``...). Its
    result is written to the run folder as ``images/`` (the posed, undistorted, resized images as
    PNG) and ``cameras/`` (a COLMAP text model with the sparse points, and a ``transforms.json``
@@ -15,9 +15,11 @@ The library side of ``vision3d reconstruct``. Stages:
    ``init_type="random"``, ``examples/simple_trainer.py``, nerfstudio-project/gsplat v1.5.3, Apache-2.0).
 4. **Refinement**: :func:`vision3d.train.scene_fit.fit_scene` on every image except each
    ``holdout_every``-th (index ``i % holdout_every == 0`` is held out, as in gsplat's and
-   nerfstudio's parsers). Checkpoints (``ckpt/scene.ply`` + ``ckpt/state.json``) every
-   ``ckpt_every`` steps and on Ctrl-C; ``resume`` continues from them with the learning-rate
-   schedule at the same position (Adam's moments and the densification statistics restart).
+   nerfstudio's parsers). Checkpoints (``ckpt/state.pt``, the whole
+   :class:`~vision3d.train.scene_fit.FitState`: raw tensors, Adam moments, densification statistics,
+   view order and RNG states; ``ckpt/scene.ply``, its Gaussians) every ``ckpt_every`` steps, after the
+   last step and on Ctrl-C; ``resume`` continues exactly (bit-identical to an uninterrupted run on the
+   CPU) and refuses a config that would change the result.
 5. **Outputs** (every file written atomically): ``scene.ply`` (INRIA layout), ``renders/<name>.png``
    (held-out render | photo), ``metrics.json``, ``video.mp4`` along a smooth path through the
    cameras (:func:`vision3d.poses.path.smooth_camera_path`), and with ``mesh`` a TSDF fusion of the
@@ -56,7 +58,6 @@ __all__ = [
     "load_input",
     "holdout_split",
     "random_init",
-    "tsdf_mesh",
     "load_run",
 ]
 
@@ -103,8 +104,17 @@ class ReconstructConfig:
     sfm_threads: int = -1
     """--poses colmap: CPU threads of feature extraction, matching and mapping (-1: all; 1 is deterministic)."""
 
-    init: Literal["sfm", "random"] = "sfm"
-    """Initial Gaussians: on the SfM / known sparse points (random when there are none), or random."""
+    pose_ba: bool = False
+    """--poses vggt|flashvggt: refine the predicted cameras by bundle adjustment on SIFT matches (pycolmap, the [sfm]
+    extra), as VGGT's demo does."""
+
+    init: str = "sfm"
+    """Initial Gaussians: sfm (on the SfM / known sparse points; random when there are none), random, or a
+    feed-forward reconstructor whose output is Gaussians (ilrm_re10k, ilrm_dl3dv, ilrm_dl3dv_wide; needs
+    --init-weights)."""
+
+    init_weights: Path | None = None
+    """--init <reconstructor>: its weights (the authors' checkpoint or a `vision3d convert` output)."""
 
     steps: int | None = None
     """Optimisation steps (None: 7000 on a GPU, 1000 on the CPU)."""
@@ -117,6 +127,10 @@ class ReconstructConfig:
 
     max_size: int | None = None
     """Downscale so the longest image side is at most this (None: 1600 on a GPU, 320 on the CPU)."""
+
+    pose_max_size: int = 1024
+    """Longest image side for pose estimation (SfM features); the posed images are then downscaled to --max-size
+    for the fit. SIFT on 320-px images registers far fewer photos (kitchen: 10/25 at 318 px)."""
 
     size_policy: Literal["error", "crop"] = "error"
     """Photos whose aspect ratio differs from the most common one: error, or centre-crop them."""
@@ -137,10 +151,12 @@ class ReconstructConfig:
     """Opacity of every initial Gaussian."""
 
     ckpt_every: int = 500
-    """Steps between checkpoints (ckpt/scene.ply, ckpt/state.json)."""
+    """Steps between checkpoints (ckpt/state.pt: the whole fit state; ckpt/scene.ply: its Gaussians); one is also
+    written after the last step and on Ctrl-C."""
 
     resume: bool = False
-    """Continue an interrupted run in --out from its images/, cameras/ and latest checkpoint."""
+    """Continue an interrupted run in --out from its images/, cameras/ and ckpt/state.pt, exactly as if it had not
+    stopped; refused when a setting that changes the result differs (the outputs' settings may change)."""
 
     overwrite: bool = False
     """Write into a non-empty --out, replacing files of the same names."""
@@ -312,6 +328,19 @@ def random_init(
 
 
 # ------------------------------------------------------------------ run folder
+def _downscale_result(result, max_size: int | None):
+    """The pose result with its images (and cameras) downscaled so the longest side is at most ``max_size``."""
+    from vision3d.data.preprocess import resize_and_center_crop
+
+    h, w = result.images.shape[-2:]
+    if max_size is None or max(h, w) <= max_size:
+        return result
+    f = max_size / max(h, w)
+    images, cams = resize_and_center_crop(result.images, result.cameras, (max(1, round(h * f)), max(1, round(w * f))),
+                                          "area")
+    return replace(result, images=images, cameras=cams)
+
+
 def _write_posed(out: Path, result, progress: bool) -> None:
     from vision3d.geometry.colmap import ColmapModel, write_colmap
     from vision3d.geometry.transforms_json import write_transforms_json
@@ -354,55 +383,59 @@ def _side_by_side(pred: Tensor, gt: Tensor) -> Tensor:  # [3, H, W] x2 -> [3, H,
     return torch.cat([pred, torch.ones(3, pred.shape[1], 2), gt], -1)
 
 
-# ------------------------------------------------------------------ mesh
-def tsdf_mesh(
-    gaussians: Gaussians,
-    cameras: Cameras,  # [V] OpenCV
-    path: Path,
-    voxel: float | None = None,
-    background: tuple[float, float, float] = (0.0, 0.0, 0.0),
-    backend: str = "auto",
-) -> dict:
-    """Fuse the rendered colour and expected depth of every camera into a TSDF (open3d) and save its mesh."""
-    from vision3d.render import rasterize
+# ------------------------------------------------------------------ checkpoints
+_CKPT_FORMAT = "vision3d.reconstruct/fit-state-1"
+# settings a resume may change: they shape the outputs, not the fitted Gaussians (fit.steps/seed are unused)
+_RESUME_FREE = ("out", "resume", "overwrite", "progress", "ckpt_every", "video", "video_path_frames", "video_width",
+                "fps", "mesh", "mesh_voxel", "lpips")
+_RESUME_FREE_FIT = ("fit.progress", "fit.log_every", "fit.steps", "fit.seed")
+# settings of stages 1-2, which a resume does not rerun (it reads the run folder's images/ and cameras/)
+_POSE_STAGE = ("input", "poses", "pose_weights", "pose_ba", "cameras", "sfm_threads", "max_size", "pose_max_size", "size_policy",
+               "video_frames", "sharpness_window")
+
+
+def _save_fit_checkpoint(ckpt_dir: Path, state, run_config: dict, init_info: dict) -> None:
+    """``ckpt/scene.ply`` (the state's Gaussians), then ``ckpt/state.pt`` (tensors and plain containers), atomically."""
+    from vision3d.gaussians.ply import save_ply
     from vision3d.utils.io import atomic_path
-    from vision3d.utils.optional import require
 
-    o3d = require("open3d", "--mesh (TSDF fusion of rendered depth)")
-    import numpy as np
+    save_ply(ckpt_dir / "scene.ply", state.gaussians())
+    with atomic_path(ckpt_dir / "state.pt") as tmp:
+        torch.save({"format": _CKPT_FORMAT, "config": run_config, "init": init_info, "fit": state.state_dict()}, tmp)
 
-    if voxel is None:
-        lo, hi = gaussians.means.quantile(0.02, 0), gaussians.means.quantile(0.98, 0)
-        voxel = float((hi - lo).norm()) / 256
-    vol = o3d.pipelines.integration.ScalableTSDFVolume(
-        voxel_length=voxel, sdf_trunc=4 * voxel, color_type=o3d.pipelines.integration.TSDFVolumeColorType.RGB8
-    )
-    bg = torch.tensor(background, dtype=torch.float32, device=gaussians.device)
-    far = 0.0
-    for i in range(len(cameras)):
-        cam = cameras[i : i + 1]
-        with torch.no_grad():
-            out = rasterize(gaussians, cam, background=bg, mode="RGB+ED", backend=backend)
-        depth = out.depths[0, 0].clone()
-        depth[(out.alphas[0, 0] < 0.5) | ~torch.isfinite(depth)] = 0.0
-        far = max(far, float(depth.max()))
-        rgb = (out.colors[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
-        rgbd = o3d.geometry.RGBDImage.create_from_color_and_depth(
-            o3d.geometry.Image(np.ascontiguousarray(rgb)),
-            o3d.geometry.Image(np.ascontiguousarray(depth.cpu().numpy().astype(np.float32))),
-            depth_scale=1.0, depth_trunc=1e9, convert_rgb_to_intensity=False,
-        )
-        K = cam.K[0].double().cpu()
-        intr = o3d.camera.PinholeCameraIntrinsic(  # open3d puts pixel centres at integers: shift by half a pixel
-            cam.width, cam.height, float(K[0, 0]), float(K[1, 1]), float(K[0, 2]) - 0.5, float(K[1, 2]) - 0.5
-        )
-        vol.integrate(rgbd, intr, cam.world_to_cam[0].double().cpu().numpy())
-    mesh = vol.extract_triangle_mesh()
-    mesh.compute_vertex_normals()
-    with atomic_path(path) as tmp:
-        if not o3d.io.write_triangle_mesh(str(tmp), mesh):
-            raise RuntimeError(f"{path}: open3d could not write the mesh")
-    return {"vertices": len(mesh.vertices), "triangles": len(mesh.triangles), "voxel": voxel, "path": str(path)}
+
+def _load_fit_checkpoint(ckpt_dir: Path, run_cfg: ReconstructConfig):
+    """``(FitState, init info)`` of ``ckpt/state.pt``, or None without one; refuses a checkpoint of an older layout
+    or of a run whose settings (those that change the result) differ from ``run_cfg``."""
+    from vision3d.train.config import diff_configs, from_dict
+    from vision3d.train.scene_fit import FitState
+    from vision3d.utils.io import read_checkpoint
+
+    path = ckpt_dir / "state.pt"
+    if not path.is_file():
+        if (ckpt_dir / "state.json").is_file():
+            raise ValueError(f"{ckpt_dir}: a checkpoint of an older vision3d (state.json, no state.pt) that cannot be "
+                             f"resumed exactly; delete {ckpt_dir} to refit from the posed images with --resume, or "
+                             "start afresh with --overwrite")
+        return None
+    data = read_checkpoint(path)
+    if not isinstance(data, dict) or data.get("format") != _CKPT_FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path}: not a vision3d reconstruct checkpoint (format {got!r}, expected {_CKPT_FORMAT!r}); "
+                         f"delete {ckpt_dir} to refit with --resume, or start afresh with --overwrite")
+    saved = dict(data["config"])
+    saved_cfg = replace(from_dict(ReconstructConfig, {**saved, "fit": {}}, str(path)),
+                        fit=from_dict(SceneFitConfig, saved["fit"], str(path), "fit."))
+    diffs = [d for d in diff_configs(saved_cfg, run_cfg, ignore=_RESUME_FREE)
+             if d.split(":", 1)[0] not in _RESUME_FREE_FIT]
+    pose = [d for d in diffs if d.split(":", 1)[0] in _POSE_STAGE]
+    other = [d for d in diffs if d not in pose]
+    if other:
+        raise ValueError(f"{path}: the run was started with another config; differences: {'; '.join(other)}. Resume "
+                         "with the original settings, or start afresh with --overwrite")
+    if pose:
+        log.warning("resuming with the run folder's posed images and cameras; ignored: %s", "; ".join(pose))
+    return FitState.from_state_dict(data["fit"], source=str(path)), dict(data["init"])
 
 
 # ------------------------------------------------------------------ the pipeline
@@ -436,10 +469,12 @@ def reconstruct(cfg: ReconstructConfig) -> dict:
     Raises ``KeyboardInterrupt`` after writing a checkpoint when interrupted during the fit.
     """
     from vision3d.eval.metrics import Metrics, psnr
-    from vision3d.gaussians.ply import load_ply, save_ply
+    from vision3d.gaussians.ply import save_ply
+    from vision3d.mesh.tsdf import tsdf_mesh
     from vision3d.poses.base import create_pose_estimator
     from vision3d.poses.path import smooth_camera_path
     from vision3d.render import rasterize
+    from vision3d.train.config import to_dict
     from vision3d.train.scene_fit import camera_scene_scale, fit_scene, gaussians_from_points
     from vision3d.utils.images import save_png
     from vision3d.utils.io import write_text_atomic
@@ -458,6 +493,14 @@ def reconstruct(cfg: ReconstructConfig) -> dict:
                          f"{cfg.holdout_every}, {cfg.ckpt_every}")
     if cfg.mesh:
         require("open3d", "--mesh (TSDF fusion of rendered depth)")
+    if cfg.pose_ba and cfg.poses not in ("vggt", "flashvggt"):
+        raise ValueError(f"--pose-ba refines feed-forward poses (--poses vggt|flashvggt), not --poses {cfg.poses}")
+    if cfg.pose_ba:
+        require("pycolmap", "--pose-ba (bundle adjustment of the predicted cameras)")
+    if cfg.init not in ("sfm", "random"):
+        from vision3d.train.recon_init import check_init
+
+        check_init(cfg.init, cfg.init_weights)  # before the (long) pose stage
     out = _check_out(cfg)
     times: dict[str, float] = {}
 
@@ -470,9 +513,13 @@ def reconstruct(cfg: ReconstructConfig) -> dict:
             kw = {"seed": cfg.seed, "num_threads": cfg.sfm_threads}
         elif cfg.poses in ("vggt", "flashvggt"):
             kw = {"weights": cfg.pose_weights, "device": dev}
+            if cfg.pose_ba:
+                kw.update(bundle_adjust=True,
+                          ba_options={"num_threads": cfg.sfm_threads, "seed": cfg.seed, "progress": cfg.progress})
         estimator = create_pose_estimator(cfg.poses, **kw)
-        inputs = load_input(cfg, max_size, with_cameras=estimator.needs_known_cameras)
-        result = estimator.estimate(inputs, out / "sfm")
+        pose_size = max_size if cfg.poses == "known" else max(max_size, cfg.pose_max_size)
+        inputs = load_input(cfg, pose_size, with_cameras=estimator.needs_known_cameras)
+        result = _downscale_result(estimator.estimate(inputs, out / "sfm"), max_size)
         result.info.setdefault("input_images", len(inputs.names))
         _write_posed(out, result, cfg.progress)
     images, files, cameras, points, colors, pose_info = load_run(out)
@@ -489,16 +536,25 @@ def reconstruct(cfg: ReconstructConfig) -> dict:
     if fit_cfg.scene_scale is None:
         fit_cfg = replace(fit_cfg, scene_scale=camera_scene_scale(train_cams))
     ckpt_dir = out / "ckpt"
-    state_path = ckpt_dir / "state.json"
-    start, history = 0, []
+    # the settings the result depends on, with the device-dependent defaults resolved
+    run_cfg = replace(cfg, steps=steps, max_size=max_size, max_init_gaussians=max_init, random_init_count=n_random,
+                      device=dev.type)
+    resumed = _load_fit_checkpoint(ckpt_dir, run_cfg) if cfg.resume else None
+    start = 0
     gen = torch.Generator().manual_seed(cfg.seed)
-    init_method = cfg.init
-    if cfg.resume and state_path.is_file():
-        state = json.loads(state_path.read_text())
-        if int(state.get("total_steps", steps)) != steps:
-            log.warning("resuming a run of %s steps with --steps %s", state.get("total_steps"), steps)
-        init = load_ply(ckpt_dir / "scene.ply")
-        start, history, init_method = int(state["step"]), list(state.get("history", [])), state.get("init", cfg.init)
+    init_method, recon_info = cfg.init, None
+    if resumed is not None:
+        init, init_info = resumed  # a FitState
+        start, init_method, recon_info = init.step, init_info["method"], init_info.get("reconstructor")
+    elif cfg.init not in ("sfm", "random"):
+        from vision3d.train.recon_init import init_from_reconstructor
+
+        t0 = time.perf_counter()
+        init, recon_info = init_from_reconstructor(
+            cfg.init, cfg.init_weights, train_imgs, train_cams, device=dev, max_gaussians=max_init,
+            sh_degree=fit_cfg.sh_degree, generator=gen, progress=cfg.progress,
+        )
+        times["init"] = time.perf_counter() - t0
     else:
         if cfg.init == "sfm" and points is not None and points.shape[0] >= 4:
             if points.shape[0] > max_init:
@@ -511,46 +567,23 @@ def reconstruct(cfg: ReconstructConfig) -> dict:
                 log.warning("no sparse points to initialise from; using a random initialisation")
             init = random_init(train_cams, train_imgs, n_random, cfg.init_opacity, gen, fit_cfg.sh_degree)
             init_method = "random"
-    num_init = init.num
+    num_init = init.num if resumed is None else int(resumed[1]["num_gaussians"])
 
-    # 4. refinement with checkpoints
-    remaining = max(steps - start, 0)
-    f = fit_cfg.lr_means_final_factor
-    run_cfg = replace(
-        fit_cfg,
-        steps=remaining,
-        lr_means=fit_cfg.lr_means * f ** (start / max(steps, 1)),
-        lr_means_final_factor=f ** (remaining / max(steps, 1)),
-        refine_start=max(fit_cfg.refine_start - start, 0),
-        refine_stop=fit_cfg.refine_stop - start,
-    )
-    if run_cfg.densify == "mcmc" and not gpu:
+    # 4. refinement with checkpoints: fit_scene writes one every ckpt_every steps, after the last step and on
+    # Ctrl-C (then re-raises), each the state of a whole step, so --resume continues exactly
+    fit_run = replace(fit_cfg, steps=steps)
+    if fit_run.densify == "mcmc" and not gpu:
         raise ValueError("--fit.densify mcmc needs a CUDA device; use default or none on the CPU")
-    last = {"step": start, "g": None, "saved": start}
-
-    def save_ckpt(step: int, g: Gaussians) -> None:
-        save_ply(ckpt_dir / "scene.ply", g.to("cpu"))
-        write_text_atomic(state_path, json.dumps(
-            {"step": step, "total_steps": steps, "init": init_method, "history": history}, indent=1))
-        last["saved"] = step
-
-    def on_log(step: int, g: Gaussians, entry: dict) -> None:
-        entry = {**entry, "step": start + step}
-        history.append(entry)
-        last["step"], last["g"] = start + step, g
-        if last["step"] - last["saved"] >= cfg.ckpt_every:
-            save_ckpt(last["step"], g)
-
+    run_config = to_dict(run_cfg)
+    init_info = {"method": init_method, "num_gaussians": num_init}
+    if recon_info is not None:
+        init_info["reconstructor"] = recon_info
     t0 = time.perf_counter()
-    try:
-        result = fit_scene(init.to(dev), train_imgs, train_cams, run_cfg, callback=on_log)
-    except KeyboardInterrupt:
-        if last["g"] is not None and last["step"] > last["saved"]:
-            save_ckpt(last["step"], last["g"])
-        raise
-    fitted = result.gaussians
+    result = fit_scene(init.to(dev), train_imgs, train_cams, fit_run,
+                       checkpoint=lambda state: _save_fit_checkpoint(ckpt_dir, state, run_config, init_info),
+                       checkpoint_every=cfg.ckpt_every)
+    fitted, history = result.gaussians, result.history
     times["fit"] = time.perf_counter() - t0
-    save_ckpt(steps, fitted)
 
     # 5. outputs
     save_ply(out / "scene.ply", fitted.to("cpu"))
@@ -592,8 +625,8 @@ def reconstruct(cfg: ReconstructConfig) -> dict:
     mesh_info = None
     if cfg.mesh:
         t0 = time.perf_counter()
-        mesh_info = tsdf_mesh(fitted, cameras.to(dev), out / "mesh.ply", cfg.mesh_voxel, fit_cfg.background,
-                              fit_cfg.backend)
+        mesh_info = tsdf_mesh(fitted, cameras.to(dev), out / "mesh.ply", cfg.mesh_voxel,
+                              background=fit_cfg.background, backend=fit_cfg.backend, progress=cfg.progress)
         times["mesh"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_start
 
@@ -603,7 +636,7 @@ def reconstruct(cfg: ReconstructConfig) -> dict:
         "images": {"input": pose_info.get("input_images", V), "registered": V, "width": cameras.width,
                    "height": cameras.height},
         "poses": pose_info,
-        "init": {"method": init_method, "num_gaussians": num_init},
+        "init": init_info,
         "num_gaussians": fitted.num,
         "steps": steps,
         "resumed_from_step": start,

@@ -21,13 +21,26 @@ non-commercial research licence) as carried over by gsplat's ``examples/simple_t
 
 Rendering goes through :func:`vision3d.render.rasterize` (gsplat on a GPU, the PyTorch twin on the
 CPU), so this is one library function reused by ``vision3d demo`` and ``vision3d reconstruct``.
+
+Exact resumption: :class:`FitState` holds everything the loop carries from one step to the next
+(raw tensors, each Adam's state dict, the strategy's running statistics, the view-order generator
+and the leftover order, the RNG state of the strategy's random draws, the history). Every schedule
+(the means' rate, refinement, SH bands) is a function of the absolute step, and the strategy draws
+(``split``'s ``torch.randn``, MCMC's relocation and noise) from a private RNG state forked off the
+global one, so a fit stopped after step ``k`` and continued from its :class:`FitState` ends
+bit-identical to an uninterrupted one on the CPU. Ctrl-C during a step's update (densification,
+optimiser steps) is held until the update is complete, so the state handed to ``checkpoint`` on
+``KeyboardInterrupt`` is always that of a whole number of steps.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
@@ -38,6 +51,7 @@ from vision3d.geometry import Cameras
 __all__ = [
     "SceneFitConfig",
     "SceneFitResult",
+    "FitState",
     "fit_scene",
     "params_from_gaussians",
     "gaussians_from_params",
@@ -137,6 +151,76 @@ class SceneFitResult:
     steps: int = 0
 
 
+# keys of config_dict() that do not change the fitted Gaussians (a resume may change them)
+_RESUME_FREE = ("progress", "log_every")
+
+
+@dataclass
+class FitState:
+    """Everything :func:`fit_scene` carries from one step to the next: continue a fit exactly with
+    ``fit_scene(state, images, cameras, config)``.
+
+    Tensors are detached copies (on the CPU when handed to a ``checkpoint`` callback).
+    :meth:`state_dict` holds only tensors and plain containers, so it round-trips through
+    ``torch.save`` / ``torch.load(weights_only=True)``.
+    """
+
+    step: int  # steps done
+    steps: int  # total steps of the run (the schedules depend on it)
+    config: dict  # config_dict() of the fit's SceneFitConfig, checked on resume
+    device_type: str  # "cpu" or "cuda": the device whose RNG the strategy draws from
+    params: dict[str, Tensor]  # raw tensors as in params_from_gaussians (means [N, 3], ... shN [N, K-1, 3])
+    optimizers: dict[str, dict]  # each parameter's Adam state_dict()
+    strategy: dict[str, Any] | None  # the densification strategy's running state (tensors, floats) or None
+    order: list[int]  # views drawn from the permutation generator but not used yet
+    order_rng: Tensor  # [S] uint8, the view-order torch.Generator's state
+    strategy_rng: Tensor  # [S] uint8, the RNG state the strategy draws from (its device's generator)
+    history: list[dict] = field(default_factory=list)  # the history entries so far
+    time_s: float = 0.0  # optimisation time so far
+
+    _KEYS = ("step", "steps", "config", "device_type", "params", "optimizers", "strategy", "order", "order_rng",
+             "strategy_rng", "history", "time_s")
+
+    def gaussians(self) -> Gaussians:
+        """The fitted scene at this state (activated values, detached, every SH band)."""
+        with torch.no_grad():
+            return gaussians_from_params(self.params).detach()
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self._KEYS}
+
+    @classmethod
+    def from_state_dict(cls, data: dict, source: str = "fit state") -> "FitState":
+        """Check and wrap a :meth:`state_dict` (e.g. read back with ``torch.load(weights_only=True)``)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a dict of fit state, got {type(data).__name__}")
+        missing = [k for k in cls._KEYS if k not in data]
+        if missing:
+            raise ValueError(f"{source}: not a scene-fit state (missing {', '.join(missing)})")
+        want = {"means", "scales", "quats", "opacities", "sh0", "shN"}
+        params, opts = data["params"], data["optimizers"]
+        tensors = isinstance(params, dict) and all(isinstance(v, Tensor) for v in params.values())
+        if not tensors or set(params) != want:
+            got = sorted(params) if isinstance(params, dict) else type(params).__name__
+            raise ValueError(f"{source}: params must be tensors named {sorted(want)}, got {got}")
+        n = {k: v.shape[0] for k, v in params.items()}
+        if len(set(n.values())) != 1:
+            raise ValueError(f"{source}: params disagree on the number of Gaussians: {n}")
+        if not isinstance(opts, dict) or set(opts) != want:
+            raise ValueError(f"{source}: optimizers must be one Adam state dict per parameter {sorted(want)}")
+        step, steps = int(data["step"]), int(data["steps"])
+        if not 0 <= step <= steps:
+            raise ValueError(f"{source}: step {step} is outside [0, {steps}]")
+        return cls(**{k: data[k] for k in cls._KEYS})
+
+    def to(self, device: torch.device | str) -> "FitState":
+        """A copy with the parameters and the strategy's tensors on ``device`` (optimiser moments follow
+        the parameters when loaded)."""
+        move = lambda v: v.to(device) if isinstance(v, Tensor) else v  # noqa: E731
+        strategy = None if self.strategy is None else {k: move(v) for k, v in self.strategy.items()}
+        return replace(self, params={k: v.to(device) for k, v in self.params.items()}, strategy=strategy)
+
+
 # ------------------------------------------------------------------ parameters
 _EPS = 1e-6
 
@@ -234,21 +318,76 @@ def _ssim_loss(pred: Tensor, gt: Tensor) -> Tensor:  # [B, 3, H, W] x2 in [0, 1]
 
 
 # ------------------------------------------------------------------ the loop
+@contextlib.contextmanager
+def _hold_sigint():
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise ``KeyboardInterrupt``; a no-op off the main
+    thread or when someone else handles SIGINT."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _private_rng(device: torch.device, holder: dict):
+    """Run the block with ``device``'s global RNG set to ``holder["state"]``; store the state it leaves in
+    ``holder["state"]`` and give the global RNG back untouched (the strategy's draws are the fit's own)."""
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        if cuda:
+            torch.cuda.set_rng_state(holder["state"], device)
+        else:
+            torch.set_rng_state(holder["state"])
+        yield
+        holder["state"] = torch.cuda.get_rng_state(device) if cuda else torch.get_rng_state()
+
+
+def _snapshot(value):
+    """Detached CPU copies of the tensors in nested dicts/lists/tuples (plain values kept)."""
+    if isinstance(value, Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_snapshot(v) for v in value)
+    return value
+
+
 def fit_scene(
-    init: Gaussians,  # unbatched, N Gaussians: the starting point (never modified)
+    init: Gaussians | FitState,  # unbatched, N Gaussians (never modified), or the state of a fit to continue
     images: Tensor,  # [V, 3, H, W] float32 in [0, 1] training views
     cameras: Cameras,  # batch [V], OpenCV cam_to_world, K in pixels, width/height = W/H
     config: SceneFitConfig | None = None,
     callback: Callable[[int, Gaussians, dict], None] | None = None,  # called at every history entry
+    *,
+    checkpoint: Callable[[FitState], None] | None = None,
+    checkpoint_every: int = 0,
 ) -> SceneFitResult:
     """Optimise a Gaussian scene so its renders match ``images`` from ``cameras``.
 
     Returns the fitted Gaussians (activated, detached, on ``init``'s device) and the history
     (every ``config.log_every`` steps: training loss and PSNR of that step's batch).
+
+    ``init`` may be a :class:`FitState` (from ``checkpoint``, moved with :meth:`FitState.to` to the
+    device to run on); the fit then continues at its step with the same ``images``, ``cameras`` and
+    ``config`` (refused when a field that changes the result differs) and ends as the uninterrupted
+    fit would. ``checkpoint(state)`` is called after every ``checkpoint_every``-th step (0: never),
+    after the last step, and, before re-raising, on ``KeyboardInterrupt`` (with the state of the last
+    whole step); the state's tensors are CPU copies the callback may keep.
     """
     from vision3d.render import rasterize
 
     cfg = config or SceneFitConfig()
+    resume = init if isinstance(init, FitState) else None
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"fit_scene: images must be [V, 3, H, W], got {tuple(images.shape)}")
     if tuple(cameras.batch_shape) != (images.shape[0],):
@@ -260,22 +399,28 @@ def fit_scene(
             f"fit_scene: cameras are {cameras.width}x{cameras.height} but images are "
             f"{images.shape[-1]}x{images.shape[-2]} (W x H)"
         )
-    if len(init.batch_shape) != 0 or init.num == 0:
+    if resume is None and (len(init.batch_shape) != 0 or init.num == 0):
         raise ValueError(f"fit_scene: init must be unbatched with at least one Gaussian, got {init!r}")
     if not 0 <= cfg.sh_degree <= 3:
         raise ValueError(f"SceneFitConfig.sh_degree must be 0..3, got {cfg.sh_degree}")
     if cfg.steps < 0 or cfg.batch_views < 1:
         raise ValueError(f"SceneFitConfig: steps must be >= 0 and batch_views >= 1, got {cfg.steps}, {cfg.batch_views}")
-    device = init.device
+    if checkpoint_every < 0:
+        raise ValueError(f"fit_scene: checkpoint_every must be >= 0, got {checkpoint_every}")
+    if resume is not None:
+        device, out_dtype = resume.params["means"].device, torch.float32
+        _check_resume(resume, cfg, device)
+        start_params = {k: v.detach().float().clone() for k, v in resume.params.items()}
+    else:
+        device, out_dtype = init.device, init.dtype
+        start_params = {k: v.float() for k, v in params_from_gaussians(init, cfg.sh_degree).items()}
     images = images.to(device=device, dtype=torch.float32)
     cameras = cameras.to(device=device, dtype=torch.float32)
     V = images.shape[0]
     scene_scale = cfg.scene_scale if cfg.scene_scale is not None else camera_scene_scale(cameras)
     background = torch.tensor(cfg.background, dtype=torch.float32, device=device)
 
-    params = torch.nn.ParameterDict(
-        {k: torch.nn.Parameter(v.float()) for k, v in params_from_gaussians(init, cfg.sh_degree).items()}
-    )
+    params = torch.nn.ParameterDict({k: torch.nn.Parameter(v) for k, v in start_params.items()})
     lrs = {
         "means": cfg.lr_means * scene_scale,
         "scales": cfg.lr_scales,
@@ -285,24 +430,64 @@ def fit_scene(
         "shN": cfg.lr_shN,
     }
     optimizers = {k: torch.optim.Adam([{"params": params[k], "lr": lr, "name": k}], eps=1e-15) for k, lr in lrs.items()}
-    gamma = cfg.lr_means_final_factor ** (1.0 / max(cfg.steps, 1))
-
     strategy, state = _make_strategy(cfg, params, optimizers, scene_scale, device)
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+    if resume is None:
+        start, order, history, time_before = 0, [], [], 0.0
+        rng = {"state": torch.Generator(device=device).manual_seed(cfg.seed).get_state()}
+    else:
+        source = f"fit_scene: resume state at step {resume.step}"
+        for k, opt in optimizers.items():
+            try:
+                opt.load_state_dict(resume.optimizers[k])
+            except (ValueError, KeyError, IndexError) as e:
+                raise ValueError(f"{source}: optimizer of {k!r} does not fit ({e})") from e
+            shapes = {tuple(v.shape) for st in opt.state.values() for v in st.values() if v.ndim > 0}
+            if shapes - {tuple(params[k].shape)}:
+                want = tuple(params[k].shape)
+                raise ValueError(f"{source}: Adam moments of {k!r} are {sorted(shapes)}, the tensor {want}")
+        if strategy is not None:
+            state = _load_strategy_state(state, resume.strategy, params["means"].shape[0], device, source)
+        if any(not 0 <= i < V for i in resume.order):
+            raise ValueError(f"{source}: its view order indexes {max(resume.order) + 1} views, images has {V}")
+        order_gen.set_state(resume.order_rng)
+        start, order, history, time_before = resume.step, list(resume.order), list(resume.history), resume.time_s
+        rng = {"state": resume.strategy_rng.clone()}
 
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order: list[int] = []
-    history: list[dict] = []
+    def means_lr(step: int) -> float:  # 3DGS's exponential decay, from the absolute step
+        return lrs["means"] * cfg.lr_means_final_factor ** (step / max(cfg.steps, 1))
+
+    t0 = time.perf_counter()
+
+    def fit_state(done: int) -> FitState:
+        return FitState(
+            step=done,
+            steps=cfg.steps,
+            config=config_dict(cfg),
+            device_type=device.type,
+            params=_snapshot({k: v.data for k, v in params.items()}),
+            optimizers=_snapshot({k: opt.state_dict() for k, opt in optimizers.items()}),
+            strategy=_snapshot(state),
+            order=list(order),
+            order_rng=order_gen.get_state(),
+            strategy_rng=_snapshot(rng["state"]),
+            history=_snapshot(history),
+            time_s=time_before + time.perf_counter() - t0,
+        )
+
+    done = saved = start
     bar = None
-    if cfg.progress and cfg.steps > 0:
+    if cfg.progress and cfg.steps > start:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, desc="fit", unit="step", dynamic_ncols=True)
-    t0 = time.perf_counter()
+        bar = tqdm(total=cfg.steps, initial=start, desc="fit", unit="step", dynamic_ncols=True)
     try:
-        for step in range(cfg.steps):
+        for step in range(start, cfg.steps):
+            # compute: nothing the next step depends on changes here (topping up the order, whole, is idempotent)
             if len(order) < cfg.batch_views:
-                order += torch.randperm(V, generator=gen).tolist()
-            idx, order = order[: cfg.batch_views], order[cfg.batch_views :]
+                with _hold_sigint():
+                    order = order + torch.randperm(V, generator=order_gen).tolist()
+            idx = order[: cfg.batch_views]
             idx_t = torch.tensor(idx, device=device)
             cams = cameras[idx_t]
             gt = images[idx_t]
@@ -331,43 +516,89 @@ def fit_scene(
             l1 = (pred - gt).abs().mean()
             loss = l1 if cfg.ssim_weight == 0 else (1 - cfg.ssim_weight) * l1 + cfg.ssim_weight * _ssim_loss(pred, gt)
             loss.backward()
-            if strategy is not None:
-                if cfg.densify == "mcmc":
-                    strategy.step_post_backward(params, optimizers, state, step, info, lr=optimizers["means"].param_groups[0]["lr"])
-                else:
-                    strategy.step_post_backward(params, optimizers, state, step, info)
-            for opt in optimizers.values():
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            for group in optimizers["means"].param_groups:
-                group["lr"] *= gamma
-            if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                with torch.no_grad():
-                    mse = (pred.detach().clamp(0, 1) - gt).pow(2).mean()
-                    psnr = float(-10 * torch.log10(mse.clamp_min(1e-10)))
-                entry = {
-                    "step": step + 1,
-                    "loss": float(loss.detach()),
-                    "psnr": psnr,
-                    "num_gaussians": int(params["means"].shape[0]),
-                    "lr_means": float(optimizers["means"].param_groups[0]["lr"]),
-                    "time_s": time.perf_counter() - t0,
-                }
-                history.append(entry)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{entry['loss']:.4f}", psnr=f"{psnr:.2f}", n=entry["num_gaussians"])
-                if callback is not None:
+            # update: Ctrl-C waits until the step is whole
+            with _hold_sigint():
+                for group in optimizers["means"].param_groups:
+                    group["lr"] = means_lr(step)
+                if strategy is not None:
+                    with _private_rng(device, rng):
+                        if cfg.densify == "mcmc":
+                            strategy.step_post_backward(params, optimizers, state, step, info, lr=means_lr(step))
+                        else:
+                            strategy.step_post_backward(params, optimizers, state, step, info)
+                for opt in optimizers.values():
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                order = order[cfg.batch_views :]
+                entry = None
+                if step % cfg.log_every == 0 or step == cfg.steps - 1:
                     with torch.no_grad():
-                        callback(step + 1, gaussians_from_params(params).detach(), entry)
+                        mse = (pred.detach().clamp(0, 1) - gt).pow(2).mean()
+                        psnr = float(-10 * torch.log10(mse.clamp_min(1e-10)))
+                    entry = {
+                        "step": step + 1,
+                        "loss": float(loss.detach()),
+                        "psnr": psnr,
+                        "num_gaussians": int(params["means"].shape[0]),
+                        "lr_means": means_lr(step + 1),
+                        "time_s": time_before + time.perf_counter() - t0,
+                    }
+                    history.append(entry)
+                done = step + 1
             if bar is not None:
+                if entry is not None:
+                    bar.set_postfix(loss=f"{entry['loss']:.4f}", psnr=f"{entry['psnr']:.2f}", n=entry["num_gaussians"])
                 bar.update(1)
+            if entry is not None and callback is not None:
+                with torch.no_grad():
+                    callback(done, gaussians_from_params(params).detach(), entry)
+            due = done == cfg.steps or (checkpoint_every > 0 and done % checkpoint_every == 0)
+            if checkpoint is not None and due:
+                checkpoint(fit_state(done))
+                saved = done
+    except KeyboardInterrupt:
+        if checkpoint is not None and done != saved:
+            checkpoint(fit_state(done))
+        raise
     finally:
         if bar is not None:
             bar.close()
-    elapsed = time.perf_counter() - t0
+    elapsed = time_before + time.perf_counter() - t0
     with torch.no_grad():
-        fitted = gaussians_from_params(params).detach().to(init.dtype)
+        fitted = gaussians_from_params(params).detach().to(out_dtype)
     return SceneFitResult(gaussians=fitted, history=history, time_s=elapsed, steps=cfg.steps)
+
+
+def _check_resume(resume: FitState, cfg: SceneFitConfig, device: torch.device) -> None:
+    source = f"fit_scene: resume state at step {resume.step}"
+    now = config_dict(cfg)
+    diffs = [
+        f"{k}: {resume.config.get(k)!r} -> {now[k]!r}"
+        for k in now
+        if k not in _RESUME_FREE and resume.config.get(k) != now[k]
+    ]
+    if diffs:
+        raise ValueError(f"{source} was fitted with another config; differences: " + "; ".join(diffs))
+    if resume.steps != cfg.steps:
+        raise ValueError(f"{source}: the run has {resume.steps} steps, config.steps is {cfg.steps}")
+    if resume.device_type != device.type:
+        raise ValueError(
+            f"{source} was fitted on {resume.device_type}; move it with FitState.to() to a {resume.device_type} device"
+        )
+
+
+def _load_strategy_state(fresh: dict, saved: dict | None, n: int, device: torch.device, source: str) -> dict:
+    if not isinstance(saved, dict) or set(saved) != set(fresh):
+        got = sorted(saved) if isinstance(saved, dict) else saved
+        raise ValueError(f"{source}: strategy state must have keys {sorted(fresh)}, got {got}")
+    state = {}
+    for k, v in saved.items():
+        if isinstance(v, Tensor):
+            if v.ndim >= 1 and k != "binoms" and v.shape[0] != n:
+                raise ValueError(f"{source}: strategy state {k!r} covers {v.shape[0]} Gaussians, the params {n}")
+            v = v.to(device, copy=True)
+        state[k] = v
+    return state
 
 
 def _make_strategy(cfg: SceneFitConfig, params, optimizers, scene_scale: float, device: torch.device):
