@@ -27,6 +27,16 @@ def shared_fixture(model: str, case: str = "public") -> tuple[Path, Path]:
     return st, js
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny ops on a shared 2-core runner run far slower with 2 threads per process."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

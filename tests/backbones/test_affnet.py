@@ -18,12 +18,7 @@ PAPER_PARAMS_M = {"affnet_et": 1.4, "affnet_t": 2.6, "affnet": 5.5}
 COUNTED = {"affnet_et": 1_436_264, "affnet_t": 2_654_232, "affnet": 5_568_696}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ AUTHORS_DEPLOY = {"ffnet_1": 13_660_152, "ffnet_2": 26_908_440, "ffnet_3": 48_33
 CASES = ["public", "nols"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load(case):

@@ -19,13 +19,7 @@ from vision3d.train.scene_fit import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny ops: one thread avoids OpenMP threads waiting on each other on a shared 2-core machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

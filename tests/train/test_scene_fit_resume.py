@@ -20,12 +20,7 @@ from vision3d.train.scene_fit import FitState, SceneFitConfig, fit_scene
 STOP = 5  # refinements at steps 3 (before the stop), 6 and 9 (after); SH band 1 from step 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
