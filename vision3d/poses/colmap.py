@@ -6,7 +6,9 @@ github.com/colmap/colmap, BSD-3-Clause; Python bindings ``pycolmap``), run on th
 1. SIFT features of every image (one shared camera, ``SIMPLE_RADIAL`` by default, since the input
    policy gives every image one size);
 2. matching: exhaustive for unordered photo sets, sequential (with overlap) for video frames;
-3. incremental mapping; the largest model is kept;
+3. incremental mapping; the largest model is kept. When no model registers ``min_registered``
+   images, mapping starts again with a relaxed initial pair (triangulation angle 8, then 4 degrees,
+   instead of COLMAP's 16), which forward-facing captures with a small baseline need;
 4. undistortion to pinhole (``PINHOLE`` cameras and resampled images), read back with
    :func:`vision3d.geometry.colmap.read_colmap`.
 
@@ -29,6 +31,10 @@ from .base import PoseEstimationError, PoseEstimator, PoseInput, PoseResult, flo
 log = logging.getLogger(__name__)
 
 __all__ = ["ColmapPoses", "sfm_file_names"]
+
+# initial-pair settings tried in turn: COLMAP's defaults (16 degrees, 100 inliers), then relaxed ones (LLFF
+# flower, 25 photos at 706 px: no model with the defaults, 25/25 registered with 8 degrees)
+_INIT_LADDER = ((None, None), (8.0, 100), (4.0, 50))
 
 
 def sfm_file_names(names: list[str]) -> list[str]:
@@ -118,17 +124,27 @@ class ColmapPoses(PoseEstimator):
             pycolmap.match_exhaustive(db, matching_options=matching, device=cpu)
         t_match = time.perf_counter() - t0
 
-        opts = pycolmap.IncrementalPipelineOptions()
-        opts.num_threads = self.num_threads
-        opts.random_seed = self.seed
-        opts.min_model_size = 3
-        sparse = work / "sparse"
-        sparse.mkdir()
-        models = pycolmap.incremental_mapping(db, img_dir, sparse, options=opts)
-        best = None
-        for rec in models.values():
-            if best is None or rec.num_reg_images() > best.num_reg_images():
-                best = rec
+        # COLMAP's initial pair needs a 16-degree triangulation angle; forward-facing captures (LLFF-style, a
+        # small baseline) often have none, so mapping starts again with relaxed initialisation when it fails
+        best, models, init_used = None, {}, None
+        for tri_angle, inliers in _INIT_LADDER:
+            opts = pycolmap.IncrementalPipelineOptions()
+            opts.num_threads = self.num_threads
+            opts.random_seed = self.seed
+            opts.min_model_size = 3
+            if tri_angle is not None:
+                opts.mapper.init_min_tri_angle, opts.mapper.init_min_num_inliers = tri_angle, inliers
+            sparse = work / "sparse"
+            if sparse.exists():
+                shutil.rmtree(sparse)
+            sparse.mkdir()
+            models = pycolmap.incremental_mapping(db, img_dir, sparse, options=opts)
+            best = max(models.values(), key=lambda r: r.num_reg_images(), default=None)
+            init_used = {"min_tri_angle": float(opts.mapper.init_min_tri_angle),
+                         "min_num_inliers": int(opts.mapper.init_min_num_inliers)}
+            if best is not None and best.num_reg_images() >= self.min_registered:
+                break
+            log.info("SfM: no model from the initialisation %s; relaxing it", init_used)
         registered = 0 if best is None else int(best.num_reg_images())
         if registered < self.min_registered:
             raise PoseEstimationError(
@@ -165,6 +181,7 @@ class ColmapPoses(PoseEstimator):
                 "registered": registered,
                 "input_images": len(files),
                 "models": len(models),
+                "initialisation": init_used,
                 "points": int(pts.shape[0]),
                 "mean_reprojection_error": float(best.compute_mean_reprojection_error()),
                 "time_s": {"features_and_matching": t_match, "total": t_sfm},
