@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from .base import PoseEstimationError, PoseEstimator, PoseInput, PoseResult, float_colors, register_pose_estimator
+from .bundle_adjust import extract_sift, match_features
 
 log = logging.getLogger(__name__)
 
@@ -100,28 +101,11 @@ class ColmapPoses(PoseEstimator):
         for f, im in zip(files, inputs.images):
             save_png(img_dir / f, im)
         db = work / "database.db"
-        cpu = pycolmap.Device.cpu
-
-        reader = pycolmap.ImageReaderOptions()
-        reader.camera_model = self.camera_model
-        extraction = pycolmap.FeatureExtractionOptions()
-        extraction.use_gpu = False
-        extraction.num_threads = self.num_threads
-        extraction.sift.max_num_features = self.max_num_features
-        pycolmap.extract_features(
-            db, img_dir, image_names=files, camera_mode=pycolmap.CameraMode.SINGLE,
-            reader_options=reader, extraction_options=extraction, device=cpu,
-        )
-        matching = pycolmap.FeatureMatchingOptions()
-        matching.use_gpu = False
-        matching.num_threads = self.num_threads
+        extract_sift(pycolmap, db, img_dir, files, camera_model=self.camera_model, single_camera=True,
+                     max_num_features=self.max_num_features, num_threads=self.num_threads)
         sequential = self.matcher == "sequential" or (self.matcher == "auto" and inputs.is_video)
-        if sequential:
-            pairing = pycolmap.SequentialPairingOptions()
-            pairing.overlap = self.sequential_overlap
-            pycolmap.match_sequential(db, matching_options=matching, pairing_options=pairing, device=cpu)
-        else:
-            pycolmap.match_exhaustive(db, matching_options=matching, device=cpu)
+        match_features(pycolmap, db, "sequential" if sequential else "exhaustive", num_threads=self.num_threads,
+                       sequential_overlap=self.sequential_overlap)
         t_match = time.perf_counter() - t0
 
         # COLMAP's initial pair needs a 16-degree triangulation angle; forward-facing captures (LLFF-style, a
