@@ -46,17 +46,8 @@ class ViewsExample:
             ("context", self.context_images, self.context_cameras, self.context_indices),
             ("target", self.target_images, self.target_cameras, self.target_indices),
         ):
-            if imgs.ndim != 4 or imgs.shape[1] != 3:
-                raise ValueError(f"{self.scene}: {name}_images must be [V, 3, H, W], got {tuple(imgs.shape)}")
-            v, _, h, w = imgs.shape
-            if tuple(cams.batch_shape) != (v,):
-                raise ValueError(
-                    f"{self.scene}: {name}_cameras batch {tuple(cams.batch_shape)} does not match {v} images"
-                )
-            if (cams.width, cams.height) != (w, h):
-                raise ValueError(
-                    f"{self.scene}: {name}_cameras are {cams.width}x{cams.height} but images are {w}x{h}"
-                )
+            cams.check_images(imgs, f"{self.scene}: {name}_images / {name}_cameras")
+            v = imgs.shape[0]
             if idx.shape != (v,):
                 raise ValueError(f"{self.scene}: {name}_indices must be [{v}], got {tuple(idx.shape)}")
 

@@ -245,6 +245,24 @@ class Cameras:
         p_cam = d_cam * depth[..., None]
         return torch.einsum("...ij,...hwj->...hwi", self.rotation, p_cam) + self.centers[..., None, None, :]
 
+    def check_images(self, images: Tensor, where: str, batch: str = "V") -> None:
+        """Raise ``ValueError`` (its message starting with ``where``) unless ``images`` is
+        ``[*batch, 3, H, W]`` with this batch shape and this width and height; ``batch`` names the
+        batch dimensions, e.g. ``"V"`` or ``"B, V"``."""
+        n = len(batch.split(","))
+        if images.ndim != n + 3 or images.shape[n] != 3:
+            raise ValueError(f"{where}: images must be [{batch}, 3, H, W], got {tuple(images.shape)}")
+        if tuple(self.batch_shape) != tuple(images.shape[:n]):
+            raise ValueError(
+                f"{where}: cameras batch {tuple(self.batch_shape)} does not match images [{batch}] = "
+                f"{tuple(images.shape[:n])}"
+            )
+        if (self.height, self.width) != tuple(images.shape[-2:]):
+            raise ValueError(
+                f"{where}: cameras are {self.width}x{self.height} but images are "
+                f"{images.shape[-1]}x{images.shape[-2]} (W x H)"
+            )
+
     def __repr__(self) -> str:
         return (
             f"Cameras(batch={tuple(self.batch_shape)}, {self.width}x{self.height}, "

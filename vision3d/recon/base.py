@@ -37,19 +37,10 @@ class Reconstructor(nn.Module):
 
     @staticmethod
     def check_inputs(images: Tensor, cameras: Cameras | None, name: str = "reconstructor") -> None:
-        if images.ndim != 5 or images.shape[2] != 3:
-            raise ValueError(f"{name}: images must be [B, V, 3, H, W], got {tuple(images.shape)}")
         if cameras is not None:
-            if tuple(cameras.batch_shape) != tuple(images.shape[:2]):
-                raise ValueError(
-                    f"{name}: cameras batch {tuple(cameras.batch_shape)} does not match images [B, V] = "
-                    f"{tuple(images.shape[:2])}"
-                )
-            if (cameras.height, cameras.width) != tuple(images.shape[-2:]):
-                raise ValueError(
-                    f"{name}: cameras are {cameras.width}x{cameras.height} but images are "
-                    f"{images.shape[-1]}x{images.shape[-2]}"
-                )
+            cameras.check_images(images, name, batch="B, V")
+        elif images.ndim != 5 or images.shape[2] != 3:
+            raise ValueError(f"{name}: images must be [B, V, 3, H, W], got {tuple(images.shape)}")
 
 
 _REGISTRY: dict[str, Callable[..., Reconstructor]] = {}

@@ -256,15 +256,8 @@ def init_from_reconstructor(
     """
     t0 = time.perf_counter()
     spec = _spec(name)
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"init_from_reconstructor: images must be [V, 3, H, W], got {tuple(images.shape)}")
+    cameras.check_images(images, "init_from_reconstructor")
     V, _, H, W = images.shape
-    if tuple(cameras.batch_shape) != (V,):
-        raise ValueError(
-            f"init_from_reconstructor: cameras batch {tuple(cameras.batch_shape)} does not match {V} images"
-        )
-    if (cameras.width, cameras.height) != (W, H):
-        raise ValueError(f"init_from_reconstructor: cameras are {cameras.width}x{cameras.height}, images {W}x{H}")
     if max_gaussians < 1:
         raise ValueError(f"init_from_reconstructor: max_gaussians must be >= 1, got {max_gaussians}")
     if not 0 <= sh_degree <= 3:

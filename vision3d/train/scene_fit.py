@@ -388,17 +388,7 @@ def fit_scene(
 
     cfg = config or SceneFitConfig()
     resume = init if isinstance(init, FitState) else None
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"fit_scene: images must be [V, 3, H, W], got {tuple(images.shape)}")
-    if tuple(cameras.batch_shape) != (images.shape[0],):
-        raise ValueError(
-            f"fit_scene: cameras batch {tuple(cameras.batch_shape)} must be [V] = [{images.shape[0]}] like images"
-        )
-    if (cameras.height, cameras.width) != tuple(images.shape[-2:]):
-        raise ValueError(
-            f"fit_scene: cameras are {cameras.width}x{cameras.height} but images are "
-            f"{images.shape[-1]}x{images.shape[-2]} (W x H)"
-        )
+    cameras.check_images(images, "fit_scene")
     if resume is None and (len(init.batch_shape) != 0 or init.num == 0):
         raise ValueError(f"fit_scene: init must be unbatched with at least one Gaussian, got {init!r}")
     if not 0 <= cfg.sh_degree <= 3:
