@@ -11,19 +11,18 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 REPO = Path(__file__).resolve().parents[1]
-# reference outputs of the authors' code: ../shared/fixtures beside the checkout (CI puts shared/ there)
-SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
+# reference outputs of the authors' code, kept in the repository so a clone checks parity on its own
 LOCAL_FIXTURES = REPO / "tests" / "fixtures"
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def shared_fixture(model: str, case: str = "public") -> tuple[Path, Path]:
-    """(safetensors, json) of a shared reference fixture; skips if ../shared is absent."""
-    st = SHARED_FIXTURES / model / f"{case}.safetensors"
-    js = SHARED_FIXTURES / model / f"{case}.json"
-    if not st.exists():
-        pytest.skip(f"reference fixture {st} not present")
+def fixture_files(model: str, case: str = "public") -> tuple[Path, Path]:
+    """(safetensors, json) of a reference fixture under tests/fixtures/<model>/; a missing one is an error."""
+    st = LOCAL_FIXTURES / model / f"{case}.safetensors"
+    js = LOCAL_FIXTURES / model / f"{case}.json"
+    if not st.exists() or not js.exists():
+        raise FileNotFoundError(f"reference fixture {st} (and its .json) missing from the repository")
     return st, js
 
 

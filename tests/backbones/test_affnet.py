@@ -1,4 +1,4 @@
-"""AFFNet: parity with the authors' code (shared fixture), parameter counts, converter, filter maths."""
+"""AFFNet: parity with the authors' code (reference fixture in tests/fixtures), parameter counts, converter, filter maths."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import shared_fixture
+from tests.conftest import fixture_files
 from vision3d.backbones.affnet import AdaptiveFrequencyFilter, checkpoint_filter_fn
 
 # the authors' README table (millions, truncated to one decimal)
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def fixture():
-    st, js = shared_fixture("affnet")
+    st, js = fixture_files("affnet")
     tensors = load_file(str(st))
     meta = json.loads(js.read_text())
     state = {k[len("state/") :]: v for k, v in tensors.items() if k.startswith("state/")}

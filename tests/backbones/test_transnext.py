@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vision3d  # noqa: F401  (registers the models)
-from tests.conftest import shared_fixture
+from tests.conftest import fixture_files
 from vision3d.backbones.transnext import (
     TransNeXt,
     aggregated_attention_fast,
@@ -47,7 +47,7 @@ def _mini(**kw) -> TransNeXt:
 
 @pytest.fixture(scope="module")
 def fixture():
-    st, js = shared_fixture("transnext")
+    st, js = fixture_files("transnext")
     tensors = load_file(str(st))
     meta = json.loads(js.read_text())
     state = {k[len("state/") :]: v for k, v in tensors.items() if k.startswith("state/")}

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import requires_cuda, shared_fixture
+from tests.conftest import requires_cuda, fixture_files
 from vision3d.mesh import Mesh, flexicubes, voxel_grid
 from vision3d.mesh.flexicubes import CUBE_EDGES, dmc_tables
 from vision3d.mesh.metrics import nearest_neighbors
@@ -49,7 +49,7 @@ def test_voxel_grid_layout():
 
 
 def test_parity_with_authors_fixture():
-    st, _ = shared_fixture("dimer")
+    st, _ = fixture_files("dimer")
     from safetensors.torch import load_file
 
     f = load_file(str(st))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import shared_fixture
+from tests.conftest import fixture_files
 from vision3d.recon import create
 from vision3d.recon.dimer import (
     CameraModulatedViT,
@@ -31,7 +31,7 @@ TINY_HEADS = dict(encoder_heads=2, transformer_heads=2, grid_res=16)
 
 @pytest.fixture(scope="module")
 def fx():
-    st, js = shared_fixture("dimer")
+    st, js = fixture_files("dimer")
     from safetensors.torch import load_file
 
     return load_file(str(st)), json.loads(js.read_text())
