@@ -16,38 +16,65 @@ from vision3d.recon.ilrm import ILRM, ILRMConfig, config_from_state_dict, conver
 FIX = LOCAL_FIXTURES / "ilrm"
 
 
+# The two fixtures name their tensors differently ("public" was written by an earlier script, "authors" by the
+# authors' own Scaler run): map both onto one set of names.
+_NAMES = {
+    "public": {"image": "in/image", "intrinsics": "in/intrinsics", "extrinsics": "in/extrinsics", "raw": "out/scaler."},
+    "authors": {
+        "image": "in/context.image",
+        "intrinsics": "in/context.intrinsics",
+        "extrinsics": "in/context.extrinsics",
+        "raw": "out/",
+    },
+}
+
+
+def _load(case):
+    t = load_file(str(FIX / f"{case}.safetensors"))
+    meta = json.loads((FIX / f"{case}.json").read_text())
+    state = {k[len("state/") :]: v for k, v in t.items() if k.startswith("state/")}
+    return t, meta, state, _NAMES[case]
+
+
+@pytest.fixture(scope="module", params=["public", "authors"])
+def any_fixture(request):
+    return _load(request.param)
+
+
 @pytest.fixture(scope="module")
 def fixture():
-    t = load_file(str(FIX / "public.safetensors"))
-    meta = json.loads((FIX / "public.json").read_text())
-    state = {k[len("state/") :]: v for k, v in t.items() if k.startswith("state/")}
-    return t, meta, state
+    return _load("public")
 
 
 def _model_and_inputs(fixture):
-    t, meta, state = fixture
+    t, meta, state, names = fixture
     model = ILRM(ILRMConfig(**meta["upstream"]["constructor_kwargs"])).eval()
     model.load_state_dict(convert_ilrm_checkpoint(state), strict=True)
-    img = t["in/image"]
-    cams = Cameras.from_normalized(t["in/intrinsics"], t["in/extrinsics"], img.shape[-1], img.shape[-2])
+    img = t[names["image"]]
+    cams = Cameras.from_normalized(t[names["intrinsics"]], t[names["extrinsics"]], img.shape[-1], img.shape[-2])
     return model, img, cams
 
 
-def test_parity_with_authors(fixture):
-    t, meta, _ = fixture
+def test_parity_with_authors(any_fixture):
+    t, meta, _, names = any_fixture
     tol = meta["tolerance"]
-    model, img, cams = _model_and_inputs(fixture)
+    model, img, cams = _model_and_inputs(any_fixture)
     with torch.no_grad():
         out = model(img, cams)
     g = out.gaussians
-    ours = {"means": g.means, "opacities": g.opacities, "scales": g.scales, "quats": g.quats, "sh_dc": g.sh[..., 0, :]}
-    for name, value in ours.items():
-        torch.testing.assert_close(value, t[f"out/gaussians.{name}"], atol=tol["atol"], rtol=tol["rtol"], msg=name)
+    B, V = img.shape[:2]
     # raw (pre-activation) head outputs, per view and pixel
     raw = out.extras["raw"]
     depth_logits, sh_dc, scale, rot, opacity = raw.split((3, 3, 3, 4, 1), -1)
-    for name, value in {"feature": sh_dc, "scale": scale, "rotation": rot, "opacity": opacity}.items():
-        torch.testing.assert_close(value, t[f"out/scaler.{name}"], atol=tol["atol"], rtol=tol["rtol"], msg=name)
+    raw_ours = {"feature": sh_dc, "scale": scale, "rotation": rot, "opacity": opacity}
+    raw_ours["xyz_world"] = g.means.reshape(B, V, -1, 3)
+    for name, value in raw_ours.items():
+        ref = t[names["raw"] + name]
+        torch.testing.assert_close(value, ref.reshape(value.shape), atol=tol["atol"], rtol=tol["rtol"], msg=name)
+    if "out/gaussians.means" in t:  # activated Gaussians as the authors' decoder renders them
+        ours = {"means": g.means, "opacities": g.opacities, "scales": g.scales, "quats": g.quats, "sh_dc": g.sh[..., 0, :]}
+        for name, value in ours.items():
+            torch.testing.assert_close(value, t[f"out/gaussians.{name}"], atol=tol["atol"], rtol=tol["rtol"], msg=name)
 
 
 def test_depth_output_unprojects_to_means(fixture):
@@ -60,7 +87,7 @@ def test_depth_output_unprojects_to_means(fixture):
 
 
 def test_converter_reads_lightning_checkpoint(fixture):
-    _, _, state = fixture
+    _, _, state, _ = fixture
     wrapped = {"state_dict": {f"encoder.scaler.{k}": v for k, v in state.items()}, "epoch": 3}
     wrapped["state_dict"]["losses.0.lpips.net.slice1.0.weight"] = torch.zeros(1)
     a = convert_ilrm_checkpoint(wrapped)
@@ -71,7 +98,7 @@ def test_converter_reads_lightning_checkpoint(fixture):
 
 
 def test_converter_rejects_foreign_keys(fixture):
-    _, _, state = fixture
+    _, _, state, _ = fixture
     bad = dict(state)
     bad["backbone.layer1.weight"] = torch.zeros(1)
     with pytest.raises(KeyError, match="backbone.layer1.weight"):
