@@ -14,6 +14,27 @@ REPO = Path(__file__).resolve().parents[1]
 # reference outputs of the authors' code, kept in the repository so a clone checks parity on its own
 LOCAL_FIXTURES = REPO / "tests" / "fixtures"
 
+def optional(module: str):
+    """Import an optional package or skip the test, saying why (any import failure counts: open3d raises
+    OSError for a missing libusb, which ``pytest.importorskip`` does not catch)."""
+    from vision3d.utils.optional import why_unavailable
+
+    reason = why_unavailable(module)
+    if reason is not None:
+        pytest.skip(reason, allow_module_level=True)
+    import importlib
+
+    return importlib.import_module(module)
+
+
+def needs(module: str):
+    """``skipif`` marker for a test that needs an optional package, with the reason it is unavailable."""
+    from vision3d.utils.optional import why_unavailable
+
+    reason = why_unavailable(module)
+    return pytest.mark.skipif(reason is not None, reason=reason or "")
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

@@ -27,11 +27,11 @@ def test_doctor_prints_every_section(capsys):
 def test_doctor_missing_extras_name_their_pip_line(capsys):
     rep = doctor.collect(doctor.Args())
     for row in rep["extras"]:
-        if not row["installed"]:
+        if not row["installed"] and not row["system_library"]:
             assert row["install"].startswith("pip install ")
             assert f"vision3d[{row['extra']}]" in row["install"]
     text = doctor.format_report(rep)
-    missing = [r for r in rep["extras"] if not r["installed"]]
+    missing = [r for r in rep["extras"] if not r["installed"] and not r["system_library"]]
     assert text.count("missing -> pip install") == len(missing)
     lp = [r for r in rep["extras"] if r["module"] == "lpips"][0]
     assert "weights" in lp
@@ -48,3 +48,22 @@ def test_doctor_json_parses(capsys):
 def test_doctor_gsplat_check_without_cuda_is_skipped():
     assert doctor.check_gsplat_kernels(False)["status"] == "skipped: no CUDA"
     assert doctor.check_gsplat_kernels(True, skip=True)["status"].startswith("skipped")
+
+
+def test_doctor_names_the_apt_line_for_a_missing_system_library(monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def fake(name, *a, **k):
+        if name == "open3d":
+            raise OSError("libusb-1.0.so.0: cannot open shared object file: No such file or directory")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    rows = {r["module"]: r for r in doctor.check_extras()}
+    o3d = rows["open3d"]
+    assert not o3d["installed"] and o3d["system_library"] == "libusb-1.0.so.0"
+    assert o3d["install"] == "sudo apt-get install libusb-1.0-0"
+    text = doctor.format_report({**doctor.collect(doctor.Args(skip_gsplat=True)), "extras": list(rows.values())})
+    assert "system library libusb-1.0.so.0 is missing -> sudo apt-get install libusb-1.0-0" in text

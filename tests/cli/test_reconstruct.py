@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.poses.helpers import make_photo_folder, photo_cameras, run_args, tiny_run
+from tests.conftest import optional
 from vision3d.cli.main import main
 
 
@@ -164,7 +165,7 @@ def test_mesh_without_open3d_names_the_pip_line(tmp_path, capsys, monkeypatch):
 
 
 def test_sfm_failure_is_explained(tmp_path, capsys):
-    pytest.importorskip("pycolmap")
+    optional("pycolmap")
     from vision3d.utils.images import save_png
 
     folder = tmp_path / "noise"
@@ -177,7 +178,7 @@ def test_sfm_failure_is_explained(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sfm_poses_match_the_truth_up_to_similarity(tmp_path, monkeypatch):
-    pytest.importorskip("pycolmap")
+    optional("pycolmap")
     import vision3d.poses.colmap as colmap_poses
 
     # an initial pair needing a 179-degree triangulation angle cannot exist: mapping must start again relaxed
@@ -256,7 +257,7 @@ def test_pose_ba_needs_a_feedforward_estimator(tmp_path, capsys):
 
 
 def test_mesh_is_written(tmp_path):
-    pytest.importorskip("open3d")
+    optional("open3d")
     from vision3d.mesh.mesh import load_mesh
 
     folder, _ = make_photo_folder(tmp_path, n=6, width=32, height=24, num_points=300)

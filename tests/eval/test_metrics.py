@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import optional
 from vision3d.eval import (
     LPIPSWeightsMissing,
     Metrics,
@@ -53,7 +54,7 @@ def test_ssim_matches_scikit_image(noise):
     """Same Gaussian window (sigma 1.5, 11 taps: scipy truncates at int(3.5 sigma + 0.5) = 5), same
     constants, same 5-pixel border excluded. Tolerance: 1e-12 in float64 (measured ~1e-16) and 5e-6
     in float32 (measured <= 7e-7, float32 rounding of the local moments)."""
-    metrics = pytest.importorskip("skimage.metrics")
+    metrics = optional("skimage.metrics")
     a = smooth_images(3, 32, 40, seed=2)
     g = torch.Generator().manual_seed(3)
     b = (a + noise * torch.randn(a.shape, generator=g)).clamp(0, 1)
@@ -102,7 +103,7 @@ def test_lpips_missing_weights_error_says_what_to_place_where(empty_torch_home):
 
 
 def test_lpips_available_checks_files_only(empty_torch_home):
-    pytest.importorskip("lpips")
+    optional("lpips")
     path = lpips_weight_paths("alex")["backbone"]
     path.parent.mkdir(parents=True)
     path.write_bytes(b"placeholder")
@@ -129,7 +130,7 @@ def test_metrics_skip_lpips_when_absent_and_fail_when_required(empty_torch_home)
 def test_lpips_plumbing_with_random_backbone():
     """The real LPIPS v0.1 heads on an ImageNet-free AlexNet: checks shapes, zero self-distance and
     gradients (the values are not the published metric; that needs the ImageNet weights)."""
-    pytest.importorskip("lpips")
+    optional("lpips")
     a = smooth_images(2, 1, 3, 32, 32)
     b = smooth_images(2, 1, 3, 32, 32, seed=4).requires_grad_(True)
     same = lpips(a, a, net="alex", pretrained_backbone=False)

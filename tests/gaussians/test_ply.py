@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import optional
 from vision3d.gaussians import Gaussians, load_ply, load_splat, read_ply_header, save_ply, save_splat
 from vision3d.gaussians.gaussians import SH_C0, num_sh_bases
 import vision3d.gaussians.ply as ply_module
@@ -25,7 +26,7 @@ def random_gaussians(n: int = 37, degree: int = 3, seed: int = 0) -> Gaussians:
 
 
 def write_with_plyfile(path, columns: dict[str, np.ndarray], text=False, byte_order="<", extra_elements=()):
-    plyfile = pytest.importorskip("plyfile")
+    plyfile = optional("plyfile")
     n = len(next(iter(columns.values())))
     arr = np.empty(n, dtype=[(k, v.dtype.str.replace("<", "").replace(">", "")) for k, v in columns.items()])
     for k, v in columns.items():
@@ -81,7 +82,7 @@ def test_round_trip_exact(tmp_path, degree):
 
 
 def test_plyfile_reads_our_file_in_inria_layout(tmp_path):
-    plyfile = pytest.importorskip("plyfile")
+    plyfile = optional("plyfile")
     g = random_gaussians(n=11, degree=2)
     save_ply(tmp_path / "s.ply", g)
     v = plyfile.PlyData.read(str(tmp_path / "s.ply"))["vertex"]
@@ -126,7 +127,7 @@ def test_ascii_big_endian_and_extra_properties(tmp_path):
 
 
 def test_skips_elements_before_vertex(tmp_path):
-    plyfile = pytest.importorskip("plyfile")
+    plyfile = optional("plyfile")
     g = random_gaussians(n=5, degree=0)
     cam = np.zeros(2, dtype=[("a", "f8"), ("b", "i4")])
     cam["a"] = [1.5, 2.5]

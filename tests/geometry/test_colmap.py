@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import optional
 from vision3d.geometry import (
     CAMERA_MODELS,
     CameraDistortion,
@@ -227,7 +228,7 @@ def test_images_text_blank_points_line_and_no_trailing_newline(tmp_path):
 
 # ------------------------------------------------------------------------------------- against COLMAP itself
 def test_camera_model_table_matches_pycolmap():
-    pycolmap = pytest.importorskip("pycolmap")
+    pycolmap = optional("pycolmap")
     for m in CAMERA_MODELS:
         mid = pycolmap.CameraModelId.__members__[m.name]
         assert int(mid.value) == m.id, m.name
@@ -236,7 +237,7 @@ def test_camera_model_table_matches_pycolmap():
 
 
 def test_files_interchange_with_pycolmap(tmp_path):
-    pycolmap = pytest.importorskip("pycolmap")
+    pycolmap = optional("pycolmap")
     m = _model_with_tracks()
     for binary in (True, False):
         ours = tmp_path / f"ours_{binary}"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import optional
 from vision3d.geometry.colmap import MODELS_BY_NAME
 from vision3d.geometry.distortion import (
     SUPPORTED_MODELS,
@@ -74,7 +75,7 @@ def test_undistort_image_samples_the_right_source_pixels():
 
 
 def test_parity_with_pycolmap():
-    pycolmap = pytest.importorskip("pycolmap")
+    pycolmap = optional("pycolmap")
     rng = np.random.default_rng(0)
     for model in SUPPORTED_MODELS:
         info = MODELS_BY_NAME[model]

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import requires_cuda, fixture_files
+from tests.conftest import fixture_files, optional, requires_cuda
 from vision3d.mesh import Mesh, flexicubes, voxel_grid
 from vision3d.mesh.flexicubes import CUBE_EDGES, dmc_tables
 from vision3d.mesh.metrics import nearest_neighbors
@@ -83,7 +83,7 @@ def _true_chamfer(shape, mesh: Mesh, n: int = 1500) -> float:
 
 @pytest.mark.parametrize("name", ["sphere", "box", "torus"])
 def test_analytic_shapes_watertight_and_close(name):
-    trimesh = pytest.importorskip("trimesh")
+    trimesh = optional("trimesh")
     shape = SHAPES[name]
     res = 24
     v, c = voxel_grid(res)
@@ -100,7 +100,7 @@ def test_analytic_shapes_watertight_and_close(name):
 
 
 def test_torus_genus_one():
-    trimesh = pytest.importorskip("trimesh")
+    trimesh = optional("trimesh")
     v, c = voxel_grid(24)
     out = flexicubes(v, SHAPES["torus"](v), c, 24)
     tm = trimesh.Trimesh(out.vertices.numpy(), out.faces.numpy(), process=False)
@@ -116,7 +116,7 @@ def test_empty_sdf_gives_message_not_crash(sign):
 
 
 def test_training_split_and_gradients():
-    trimesh = pytest.importorskip("trimesh")
+    trimesh = optional("trimesh")
     v, c = voxel_grid(12)
     s = SHAPES["sphere"](v).requires_grad_()
     gamma = torch.zeros(c.shape[0], requires_grad=True)

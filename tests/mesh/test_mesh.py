@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import needs, optional
 from vision3d.mesh import Mesh, flexicubes, load_mesh, save_mesh, voxel_grid
 from vision3d.mesh.sdf import SHAPES
-from vision3d.utils.optional import MissingDependencyError, available
+from vision3d.utils.optional import MissingDependencyError
 
 
 def _sphere_mesh(res: int = 10, colors: bool = True) -> Mesh:
@@ -53,7 +54,7 @@ def test_transform_and_compact():
 
 @pytest.mark.parametrize("suffix", [".ply", ".obj", ".glb"])
 def test_round_trip(tmp_path, suffix):
-    pytest.importorskip("trimesh")
+    optional("trimesh")
     m = _sphere_mesh(8).with_normals()
     path = save_mesh(m, tmp_path / f"m{suffix}")
     back = load_mesh(path)
@@ -86,7 +87,7 @@ def test_open3d_missing_names_pip_line(monkeypatch):
         m.simplify(100)
 
 
-@pytest.mark.skipif(not available("open3d"), reason="needs open3d")
+@needs("open3d")
 def test_open3d_clean_and_simplify(tmp_path):
     import open3d as o3d
 

@@ -12,8 +12,10 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("open3d", exc_type=ImportError)
-trimesh = pytest.importorskip("trimesh")
+from tests.conftest import optional
+
+optional("open3d")
+trimesh = optional("trimesh")
 
 from vision3d.gaussians import Gaussians  # noqa: E402
 from vision3d.geometry import Cameras  # noqa: E402

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.conftest import optional
 from vision3d.geometry import Cameras
 from vision3d.geometry.rotations import axis_angle_to_matrix, rotation_angle
 from vision3d.gaussians.procedural import intrinsics_from_fov, look_at
@@ -87,7 +88,7 @@ def pose_errors(cams: Cameras, ref: Cameras) -> tuple[float, float, float]:
 
 @pytest.fixture(scope="module")
 def scene():
-    pytest.importorskip("pycolmap")
+    optional("pycolmap")
     gt = scene_cameras()
     return render(gt), gt, perturb(gt)
 
@@ -147,7 +148,7 @@ def test_folder_input_per_image_cameras_and_pose_matching(scene, tmp_path):
 
 
 def test_untextured_images_fail_clearly(tmp_path):
-    pytest.importorskip("pycolmap")
+    optional("pycolmap")
     cams = scene_cameras(4)
     blank = torch.full((4, 3, H, W), 0.5)
     with pytest.raises(PoseEstimationError, match=r"(?s)00000.png.*--pose-ba"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import fixture_files
+from tests.conftest import fixture_files, optional
 from vision3d.recon import create
 from vision3d.recon.dimer import (
     CameraModulatedViT,
@@ -166,7 +166,7 @@ def test_converter_rejects_unknown_keys(fx):
 
 
 def test_timm_dino_state_dict_loads_into_real_size_encoder():
-    timm = pytest.importorskip("timm")
+    timm = optional("timm")
     with torch.device("meta"):  # shapes only: no memory, no init time
         ref = timm.create_model("vit_base_patch16_224.dino", pretrained=False)
         enc = CameraModulatedViT(DiMeRConfig())
@@ -177,7 +177,7 @@ def test_timm_dino_state_dict_loads_into_real_size_encoder():
 
 @torch.no_grad()
 def test_encoder_equals_timm_vit_when_unmodulated():
-    pytest.importorskip("timm")
+    optional("timm")
     from timm.models.vision_transformer import VisionTransformer
 
     ref = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0).eval()
@@ -242,7 +242,7 @@ def cli_files(tmp_path, fx, tiny_net):
 
 
 def test_cli_reconstruct_mesh(cli_files, capsys):
-    pytest.importorskip("trimesh")
+    optional("trimesh")
     from vision3d.cli.reconstruct_mesh import Args, run
     from vision3d.mesh import load_mesh
 

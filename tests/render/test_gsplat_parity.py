@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import requires_cuda
+from tests.conftest import optional, requires_cuda
 from tests.render.helpers import cameras, random_scene
 from vision3d.gaussians import Gaussians
 from vision3d.render import rasterize
@@ -100,7 +100,7 @@ def _fake_rasterization(calls):
 @pytest.mark.parametrize("mode", ["RGB", "D", "RGB+ED"])
 def test_gsplat_adapter_layout(monkeypatch, mode):
     """Arguments reach gsplat in its layout and its outputs come back channels-first (no CUDA needed)."""
-    gsplat = pytest.importorskip("gsplat")
+    gsplat = optional("gsplat")
     from vision3d.render.gsplat_backend import rasterize_gsplat
     from vision3d.render.torch_backend import rasterize_torch
 

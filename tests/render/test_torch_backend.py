@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from tests.render.helpers import brute_force, cameras, random_scene
+from tests.conftest import optional
 from vision3d.gaussians import Gaussians
 from vision3d.gaussians.sh import eval_sh
 from vision3d.geometry import Cameras
 from vision3d.render import rasterize
 from vision3d.render.torch_backend import covariances_3d, project_gaussians, rasterize_torch
 
-gsplat_impl = pytest.importorskip("gsplat.cuda._torch_impl")
+gsplat_impl = optional("gsplat.cuda._torch_impl")
 
 F64 = torch.float64
 

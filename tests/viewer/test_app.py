@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.poses.helpers import tiny_run
+from tests.conftest import optional
 
 
 def test_load_viewer_scene_from_run_and_ply():
@@ -52,7 +53,7 @@ def _free_port() -> int:
 
 
 def test_server_serves_its_page_on_loopback():
-    pytest.importorskip("viser")
+    optional("viser")
     from vision3d.viewer.app import SceneViewer, load_viewer_scene
 
     viewer = SceneViewer(load_viewer_scene(tiny_run()), host="127.0.0.1", port=_free_port(), render_width=32)
@@ -90,7 +91,7 @@ def test_headless_browser_screenshot(tmp_path):
     import shutil
     import subprocess
 
-    pytest.importorskip("viser")
+    optional("viser")
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")

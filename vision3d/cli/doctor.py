@@ -7,7 +7,9 @@ Prints four sections and exits 0 whatever it finds (it is a report, not a gate):
 - ``gsplat kernels``: on a GPU, renders a tiny scene with ``backend="gsplat"`` (which builds the
   CUDA code on first use) and compares it with the pure-PyTorch twin; without CUDA, skipped;
 - ``extras``: xformers, mesh (open3d, trimesh), sfm (pycolmap), viewer (viser), gen (diffusers),
-  lpips and whether its backbone weights are on disk; each missing one with its ``pip install`` line.
+  lpips and whether its backbone weights are on disk; each missing one with its ``pip install`` line,
+  or, when the package is installed but a system library it loads is not (open3d without
+  ``libusb-1.0.so.0``), the ``apt-get install`` line.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from vision3d.utils.optional import KNOWN, install_line
+from vision3d.utils.optional import KNOWN, fix_line, install_line, missing_system_library
 
 CORE = [  # (label, import name, distributions to ask for a version)
     ("python", None, ()),
@@ -162,7 +164,9 @@ def check_extras() -> list[dict]:
                     "module": m,
                     "installed": False,
                     "error": f"{type(e).__name__}: {e}".splitlines()[0][:160],
-                    "install": install_line(m),
+                    # a missing shared library (open3d without libusb) is fixed by apt, not pip
+                    "system_library": missing_system_library(e),
+                    "install": fix_line(m, e),
                 }
             if m == "lpips":
                 row["weights"] = _lpips_weights() if row["installed"] else {"present": False, "detail": "lpips not installed"}
@@ -209,7 +213,9 @@ def format_report(rep: dict) -> str:
                 w = row["weights"]
                 text += f"; weights {'present' if w['present'] else 'ABSENT'} ({w['detail']})"
         else:
-            text = f"  {name:<22} missing -> {row['install']}"
+            lib = row.get("system_library")
+            state = f"installed, but system library {lib} is missing" if lib else "missing"
+            text = f"  {name:<22} {state} -> {row['install']}"
         lines.append(text)
     lines += ["", f"platform: {rep['platform']}", f"python: {rep['executable']}"]
     return "\n".join(lines)
