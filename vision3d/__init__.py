@@ -9,5 +9,6 @@ __version__ = "0.1.0"
 from vision3d import backbones  # noqa: F401,E402  (registers timm models)
 from vision3d.gaussians import Gaussians  # noqa: E402
 from vision3d.geometry import Cameras  # noqa: E402
+from vision3d.errors import InputError  # noqa: E402
 
-__all__ = ["Cameras", "Gaussians", "__version__"]
+__all__ = ["Cameras", "Gaussians", "InputError", "__version__"]

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import LOCAL_FIXTURES
-from vision3d import recon
+from vision3d import InputError, recon
 from vision3d.geometry import Cameras
 from vision3d.recon.ilrm import ILRM, ILRMConfig, config_from_state_dict, convert_ilrm_checkpoint, crop_to_multiple
 
@@ -101,7 +101,7 @@ def test_converter_rejects_foreign_keys(fixture):
     _, _, state, _ = fixture
     bad = dict(state)
     bad["backbone.layer1.weight"] = torch.zeros(1)
-    with pytest.raises(KeyError, match="backbone.layer1.weight"):
+    with pytest.raises(InputError, match="backbone.layer1.weight"):
         convert_ilrm_checkpoint(bad)
 
 

@@ -87,22 +87,49 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
 
 def read_image(path: str | os.PathLike, exif_transpose: bool = True) -> Tensor:  # [3, H, W] uint8
-    """One image file as RGB uint8, upright per its EXIF orientation."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """One image file as RGB uint8, upright per its EXIF orientation (size limits: :func:`decode_image_file`)."""
+    return decode_image_file(path, exif_transpose)
+
+
+def decode_image_file(path: str | os.PathLike, exif_transpose: bool = True, max_pixels: int | None = None) -> Tensor:
+    """Decode one image file to RGB ``[3, H, W]`` uint8, refusing oversized or broken files up front.
+
+    The size in the header is checked against ``max_pixels`` (default
+    :data:`vision3d.errors.MAX_IMAGE_PIXELS`, 64 Mpx) before any pixel is decoded, so a 12000² PNG
+    or a decompression bomb ends in :class:`~vision3d.errors.InputError` naming the file, not in a
+    3 GB allocation. Every decoding failure is an ``InputError`` too.
+    """
+    import warnings
+
+    from PIL import Image, ImageOps
+
+    from vision3d.errors import MAX_IMAGE_PIXELS, InputError, check_size, short
 
     p = Path(path)
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        with Image.open(p) as im:
-            im.load()
-            if exif_transpose:
-                im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float64)
-                scale = 255.0 / 65535.0 if arr.max() > 255 else 1.0
-                im = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8))
-            arr = np.array(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"{p}: cannot read the image ({e})") from e
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                check_size(p, "image size", *im.size, max_pixels=limit)
+                im.load()
+                if exif_transpose:
+                    im = ImageOps.exif_transpose(im)
+                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                    arr = np.asarray(im, dtype=np.float64)
+                    scale = 255.0 / 65535.0 if arr.size and arr.max() > 255 else 1.0
+                    im = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8))
+                arr = np.array(im.convert("RGB"))
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(p, "image size", f"at most {limit} pixels", short(str(e), 200)) from e
+    except FileNotFoundError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL reports broken files with many types (OSError, SyntaxError, struct.error ...)
+        raise InputError(p, "file", "a readable image (PNG, JPEG, ...)", f"{type(e).__name__}: {short(str(e), 200)}") from e
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vision3d.errors import InputError, check_size, short
 from vision3d.geometry import Cameras
 
 __all__ = [
@@ -40,8 +41,32 @@ __all__ = [
 ]
 
 
-class BadSceneError(ValueError):
-    """A scene cannot be read (corrupt image, malformed record, inconsistent sizes)."""
+class BadSceneError(InputError):
+    """A scene cannot be read (corrupt image, malformed record, inconsistent sizes).
+
+    The dataset-level :class:`~vision3d.errors.InputError`: ``skip_bad`` datasets catch it. The
+    message names the chunk/folder and the scene.
+    """
+
+    def __init__(self, message: str, path=None, field: str = "scene", expected: str = "a readable scene", got=None):
+        super().__init__(path, field, expected, message if got is None else got, message=message)
+
+
+def _encoded_size(buf: Tensor, where: str) -> tuple[int, int]:
+    """(width, height) from an encoded image's header, read without decoding the pixels."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(buf.numpy().tobytes())) as im:
+                return im.size
+    except Image.DecompressionBombError as e:
+        raise BadSceneError(f"{where}: image too large to decode ({e})", field="images", expected="an image of at most 64 Mpx") from e
+    except Exception:  # noqa: BLE001 - PIL cannot parse it: OpenCV gets its chance (and reports it)
+        return (0, 0)
 
 
 def decode_image(data: Tensor | bytes | np.ndarray, where: str = "image") -> Tensor:  # [3, H, W] uint8
@@ -53,11 +78,25 @@ def decode_image(data: Tensor | bytes | np.ndarray, where: str = "image") -> Ten
     if isinstance(data, Tensor):
         if data.dtype != torch.uint8 or data.ndim != 1:
             raise BadSceneError(f"{where}: expected encoded bytes as a 1-D uint8 tensor, got {data.dtype} {tuple(data.shape)}")
-        buf = data
+        buf = data.contiguous()
+    elif isinstance(data, (bytes, bytearray, memoryview)) or (isinstance(data, np.ndarray) and data.dtype == np.uint8):
+        # never bytes(int): an integer N where the bytes belong would allocate N bytes
+        buf = torch.frombuffer(bytearray(data.tobytes() if isinstance(data, np.ndarray) else data), dtype=torch.uint8)
     else:
-        buf = torch.frombuffer(bytearray(bytes(data)), dtype=torch.uint8)
+        raise BadSceneError(
+            f"{where}: expected encoded image bytes (1-D uint8 tensor, bytes or uint8 array), got {short(data)}",
+            field="images",
+            expected="encoded image bytes",
+            got=type(data).__name__,
+        )
     if buf.numel() < 4:
         raise BadSceneError(f"{where}: empty or truncated image ({buf.numel()} bytes)")
+    w, h = _encoded_size(buf, where)
+    if w or h:
+        try:
+            check_size(where, "image size", w, h)
+        except InputError as e:
+            raise BadSceneError(str(e), field="images", expected=e.expected, got=e.got) from None
     head = bytes(buf[:3].tolist())
     if head == b"\xff\xd8\xff":
         try:
@@ -72,7 +111,10 @@ def decode_image(data: Tensor | bytes | np.ndarray, where: str = "image") -> Ten
             pass  # fall through to OpenCV, which reports corrupt data as None
     import cv2
 
-    arr = cv2.imdecode(buf.numpy(), cv2.IMREAD_COLOR)
+    try:
+        arr = cv2.imdecode(buf.numpy(), cv2.IMREAD_COLOR)
+    except cv2.error as e:
+        raise BadSceneError(f"{where}: corrupt or unsupported image data ({buf.numel()} bytes; OpenCV: {e})") from e
     if arr is None:
         raise BadSceneError(f"{where}: corrupt or unsupported image data ({buf.numel()} bytes)")
     return torch.from_numpy(np.ascontiguousarray(arr[..., ::-1])).permute(2, 0, 1).contiguous()

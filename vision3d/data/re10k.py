@@ -44,6 +44,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from vision3d.errors import InputError, guard, inside, short
 from vision3d.geometry import Cameras
 from vision3d.geometry.conventions import cameras_from_re10k
 from vision3d.utils.io import atomic_path, write_text_atomic
@@ -85,25 +86,61 @@ def validate_example(ex: Any, where: str) -> dict:
     if not isinstance(ex, dict):
         raise BadSceneError(f"{where}: expected each example to be a dict, got {type(ex).__name__}")
     key = ex.get("key", "<no key>")
+    key = key if isinstance(key, str) and len(key) <= 200 else short(key)
     missing = [f for f in CHUNK_FIELDS if f not in ex]
     if missing:
         raise BadSceneError(f"{where}: scene {key}: missing field(s) {missing}; expected {list(CHUNK_FIELDS)}")
     if not isinstance(ex["key"], str):
-        raise BadSceneError(f"{where}: scene key must be a str, got {type(ex['key']).__name__}")
+        raise BadSceneError(f"{where}: scene key must be a str, got {type(ex['key']).__name__}", path=where, field="key")
     cams = ex["cameras"]
-    if not isinstance(cams, Tensor) or cams.ndim != 2 or cams.shape[1] != 18:
+    if not isinstance(cams, Tensor) or cams.ndim != 2 or cams.shape[1] != 18 or not cams.dtype.is_floating_point:
+        got = f"{cams.dtype} {tuple(cams.shape)}" if isinstance(cams, Tensor) else type(cams).__name__
         raise BadSceneError(
             f"{where}: scene {key}: 'cameras' must be a float tensor [V, 18] (fx fy cx cy 0 0 and a 3x4 "
-            f"world-to-camera), got {getattr(cams, 'shape', type(cams).__name__)}"
+            f"world-to-camera), got {got}",
+            path=where, field="cameras", expected="a float tensor [V, 18]", got=got,
         )
     v = cams.shape[0]
+    if v == 0:
+        raise BadSceneError(f"{where}: scene {key}: 'cameras' has no views", path=where, field="cameras")
+    c = cams.double()
+    if not torch.isfinite(c).all():
+        raise BadSceneError(
+            f"{where}: scene {key}: 'cameras' holds non-finite values (NaN or inf) in row(s) "
+            f"{torch.nonzero(~torch.isfinite(c).all(1)).flatten()[:5].tolist()}",
+            path=where, field="cameras", expected="finite values",
+        )
+    if not (c[:, :2] > 0).all():
+        bad = int(torch.nonzero(~(c[:, :2] > 0).all(1))[0])
+        raise BadSceneError(
+            f"{where}: scene {key}: 'cameras' row {bad}: focal lengths fx, fy must be > 0 (normalised by the "
+            f"image size), got {c[bad, :2].tolist()}",
+            path=where, field="cameras", expected="fx, fy > 0",
+        )
+    rot = c[:, 6:].reshape(v, 3, 4)[:, :, :3]
+    det = torch.linalg.det(rot)
+    if not ((det - 1).abs() < 1e-2).all():
+        bad = int(torch.nonzero(~((det - 1).abs() < 1e-2))[0])
+        raise BadSceneError(
+            f"{where}: scene {key}: 'cameras' row {bad}: the world-to-camera rotation must be a rotation "
+            f"(determinant 1), got determinant {float(det[bad]):.4g}",
+            path=where, field="cameras", expected="a rotation matrix",
+        )
     ts = ex["timestamps"]
-    if not isinstance(ts, Tensor) or ts.shape != (v,):
-        raise BadSceneError(f"{where}: scene {key}: 'timestamps' must be an int64 tensor [{v}], got {getattr(ts, 'shape', ts)}")
+    if not isinstance(ts, Tensor) or ts.shape != (v,) or ts.dtype.is_floating_point or ts.dtype.is_complex:
+        got = f"{ts.dtype} {tuple(ts.shape)}" if isinstance(ts, Tensor) else short(ts)
+        raise BadSceneError(f"{where}: scene {key}: 'timestamps' must be an int64 tensor [{v}], got {got}", path=where, field="timestamps")
     imgs = ex["images"]
     if not isinstance(imgs, (list, tuple)) or len(imgs) != v:
         n = len(imgs) if isinstance(imgs, (list, tuple)) else type(imgs).__name__
-        raise BadSceneError(f"{where}: scene {key}: 'images' must be a list of {v} encoded images, got {n}")
+        raise BadSceneError(f"{where}: scene {key}: 'images' must be a list of {v} encoded images, got {n}", path=where, field="images")
+    for i, im in enumerate(imgs):
+        if not isinstance(im, Tensor) or im.dtype != torch.uint8 or im.ndim != 1:
+            got = f"{im.dtype} {tuple(im.shape)}" if isinstance(im, Tensor) else short(im)
+            raise BadSceneError(
+                f"{where}: scene {key}: 'images'[{i}] must be encoded bytes as a 1-D uint8 tensor, got {got}",
+                path=where, field=f"images[{i}]", expected="a 1-D uint8 tensor", got=got,
+            )
     return ex
 
 
@@ -114,10 +151,15 @@ def read_chunk(path: str | os.PathLike, validate: bool = True) -> list[dict]:
         raise FileNotFoundError(f"{p}: chunk file not found")
     try:
         data = torch.load(p, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
     except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
-        raise BadSceneError(f"{p}: cannot load chunk safely with torch.load(weights_only=True): {e}") from e
+        raise BadSceneError(
+            f"{p}: cannot load chunk safely with torch.load(weights_only=True): {type(e).__name__}: {short(str(e), 300)}",
+            path=p, field="file", expected="a torch.save list of scene dicts",
+        ) from e
     if not isinstance(data, (list, tuple)):
-        raise BadSceneError(f"{p}: expected a list of example dicts, got {type(data).__name__}")
+        raise BadSceneError(f"{p}: expected a list of example dicts, got {type(data).__name__}", path=p, field="file")
     if validate:
         for ex in data:
             validate_example(ex, str(p))
@@ -155,19 +197,18 @@ def read_index(split_dir: str | os.PathLike) -> dict[str, Path]:
     f = d / "index.json"
     if not f.is_file():
         raise FileNotFoundError(f"{f}: index not found (expected <root>/<split>/index.json mapping keys to chunks)")
-    try:
-        raw = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f}: not valid JSON ({e})") from e
+    with guard(f, "an index.json mapping scene keys to chunk file names"):
+        raw = json.loads(f.read_text(encoding="utf-8"))
     if not isinstance(raw, dict):
-        raise ValueError(f"{f}: expected an object scene key -> chunk file name")
+        raise InputError(f, "top level", "an object scene key -> chunk file name", type(raw).__name__)
     out = {}
     for k, v in raw.items():
         if isinstance(v, (list, tuple)) and v:  # some forks store [chunk, num_frames]
             v = v[0]
         if not isinstance(v, str):
-            raise ValueError(f"{f}: scene {k}: chunk name must be a string, got {v!r}")
-        out[k] = d / v
+            raise InputError(f, f"scene {short(k)}", "a chunk file name (string)", v)
+        # chunk names stay inside the split folder
+        out[k] = inside(d, v, f"scene {short(k)}", path=f)
     return out
 
 
@@ -313,7 +354,7 @@ class ChunkDataset(torch.utils.data.Dataset):
             idx = group[(start + attempt) % len(group)]
             try:
                 return self._load(idx, key, skipped=attempt)
-            except (BadSceneError, NotEnoughViews, SceneSkipped) as e:
+            except (InputError, NotEnoughViews, SceneSkipped) as e:  # BadSceneError is an InputError
                 self.num_skipped += 1
                 errors.append(str(e))
                 log.warning("skipping bad scene (%d skipped in this process): %s", self.num_skipped, e)

@@ -65,6 +65,8 @@ from vision3d.gaussians import Gaussians
 from vision3d.geometry import Cameras
 from vision3d.layers.attention import attention
 
+from vision3d.errors import InputError, guard, short
+
 from .base import ReconOutput, Reconstructor, register
 
 GAUSSIAN_CHANNELS = (3, 3, 3, 4, 1)  # depth logits, SH DC, scale, quaternion wxyz, opacity
@@ -376,10 +378,17 @@ _RENAMES = [
 ]
 
 
-def convert_ilrm_checkpoint(state: dict[str, Tensor]) -> dict[str, Tensor]:
+def convert_ilrm_checkpoint(state: dict[str, Tensor], path=None) -> dict[str, Tensor]:
     """The authors' weights (a Lightning ``.ckpt`` dict, its ``state_dict``, or a bare ``Scaler``
     state dict; or the wide branch's ``{"model": IterativeLRM state dict}`` ``.pt``) -> an
-    :class:`ILRM` state dict. LPIPS-loss weights and other non-model keys are dropped."""
+    :class:`ILRM` state dict. LPIPS-loss weights and other non-model keys are dropped.
+
+    Raises :class:`~vision3d.errors.InputError` (naming ``path``, the file it came from) for a
+    key outside the authors' layout, a value that is not a tensor, or a half k/v pair.
+    """
+    where = path if path is not None else "convert_ilrm_checkpoint"
+    if not isinstance(state, dict):
+        raise InputError(where, "checkpoint", "a dict (Lightning checkpoint or state dict)", type(state).__name__)
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     elif "model" in state and isinstance(state["model"], dict):
@@ -390,6 +399,8 @@ def convert_ilrm_checkpoint(state: dict[str, Tensor]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     cross_qkv: dict[str, dict[str, Tensor]] = {}
     for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            raise InputError(where, f"key {short(key)}", "a tensor under a string key", type(value).__name__)
         m = re.match(r"^processor\.blocks\.(\d+)\.read_cross\.([kv])\.weight$", key)
         if m:  # separate k and v projections are fused into kv
             cross_qkv.setdefault(m.group(1), {})[m.group(2)] = value
@@ -400,18 +411,35 @@ def convert_ilrm_checkpoint(state: dict[str, Tensor]) -> dict[str, Tensor]:
             if n:
                 break
         else:
-            raise KeyError(f"convert_ilrm_checkpoint: unexpected key '{key}' (not in the authors' iLRM layout)")
+            raise InputError(where, f"key '{short(key, 120)}'", "a key of the authors' iLRM layout", "an unexpected key")
         out[new] = value
     for i, kv in cross_qkv.items():
         if set(kv) != {"k", "v"}:
-            raise KeyError(f"convert_ilrm_checkpoint: block {i} has only {sorted(kv)} of the k/v projections")
+            raise InputError(where, f"processor.blocks.{i}.read_cross", "both the k and v projections", sorted(kv))
         out[f"blocks.{i}.attn.kv.weight"] = torch.cat([kv["k"], kv["v"]], 0)
     return out
 
 
-def config_from_state_dict(state: dict[str, Tensor], viewpoint_factor: int = 2) -> ILRMConfig:
+def config_from_state_dict(state: dict[str, Tensor], viewpoint_factor: int = 2, path=None) -> ILRMConfig:
     """Infer patch size, width, depth and encoder from a converted state dict. The wide encoder's
-    ``viewpoint_factor`` does not show in the weights: ``viewpoint_factor`` (released: 2) is used."""
+    ``viewpoint_factor`` does not show in the weights: ``viewpoint_factor`` (released: 2) is used.
+    A state dict whose shapes do not describe an iLRM raises :class:`~vision3d.errors.InputError`."""
+    where = path if path is not None else "config_from_state_dict"
+    for k, ndim in (("ray_embed.weight", 2), ("blocks.0.attn.q.weight", 2), ("blocks.0.attn.q_norm.weight", 1)):
+        if k not in state or state[k].ndim != ndim or 0 in state[k].shape:
+            got = tuple(state[k].shape) if k in state else "missing"
+            raise InputError(where, k, f"a {ndim}-D non-empty tensor (iLRM state dict)", got)
+    with guard(where, "an iLRM state dict"):
+        cfg = _config_from_state_dict(state, viewpoint_factor)
+    p, dim = cfg.patch_size, cfg.dim
+    if p < 1 or state["ray_embed.weight"].shape[1] != (9 if cfg.encoder == "wide" else 6) * p * p:
+        raise InputError(where, "ray_embed.weight", "width 6*p*p (or 9*p*p for the wide encoder)", tuple(state["ray_embed.weight"].shape))
+    if cfg.head_dim < 1 or dim % cfg.head_dim:
+        raise InputError(where, "blocks.0.attn.q_norm.weight", f"a head width dividing dim={dim}", cfg.head_dim)
+    return cfg
+
+
+def _config_from_state_dict(state: dict[str, Tensor], viewpoint_factor: int) -> ILRMConfig:
     dim = state["ray_embed.weight"].shape[0]
     wide = state["blocks.0.attn.q.weight"].shape[0] == 2 * dim
     p = int(round((state["ray_embed.weight"].shape[1] / (9 if wide else 6)) ** 0.5))
@@ -432,17 +460,19 @@ def load_ilrm(path: str, **overrides) -> ILRM:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: iLRM checkpoint not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from vision3d.utils.io import read_checkpoint
 
-        state = load_file(str(path))
-    else:
-        state = convert_ilrm_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
-    cfg = config_from_state_dict(state)
+    state = read_checkpoint(path)
+    if path.suffix != ".safetensors":
+        state = convert_ilrm_checkpoint(state, path=path)
+    cfg = config_from_state_dict(state, path=path)
     model = ILRM(cfg, **overrides)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise InputError(path, "weights", f"tensors shaped for iLRM {cfg}", short(str(e), 300)) from e
     if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not fit iLRM {cfg}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise InputError(path, "weights", f"the keys of iLRM {cfg}", f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
 
 

@@ -1,15 +1,56 @@
 """Atomic file writes: write to a temporary name in the target folder, then rename.
 
-An interrupted write therefore never leaves a half-written file under the final name.
+An interrupted write therefore never leaves a half-written file under the final name. The data
+is fsynced before the rename (and the folder after it), so a crash right after the rename does not
+leave an empty file either. Temporary files are hidden (``.<name>.<random>.tmp<suffix>``); an error
+removes them, and a process killed mid-write leaves one behind, which the next write into that
+folder removes once it is older than :data:`STALE_SECONDS` (so a concurrent writer's file is kept).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
+
+STALE_SECONDS = 6 * 3600.0  # a temp file of ours untouched this long belongs to a killed writer
+_TEMP_NAME = re.compile(r"^\.(?P<final>.+)\.[A-Za-z0-9_]{8}\.tmp")  # mkstemp's 8 random characters
+
+
+def clean_stale_temps(folder: str | os.PathLike, max_age_s: float = STALE_SECONDS) -> list[Path]:
+    """Remove temp files left in ``folder`` by killed atomic writes (our prefix, older than ``max_age_s``)."""
+    removed = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        if not e.name.startswith(".") or ".tmp" not in e.name or not _TEMP_NAME.match(e.name):
+            continue
+        with contextlib.suppress(OSError):
+            if e.is_file(follow_symlinks=False) and now - e.stat(follow_symlinks=False).st_mtime > max_age_s:
+                os.unlink(e.path)
+                removed.append(Path(e.path))
+    return removed
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # some filesystems do not open folders; the data itself was synced
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def check_writable_dir(path: str | os.PathLike) -> Path:
@@ -36,6 +77,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(path)
     check_writable_dir(final.parent)
+    clean_stale_temps(final.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp" + final.suffix, dir=final.parent)
     os.close(fd)
     umask = os.umask(0)
@@ -44,7 +86,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _fsync_path(tmp_path)
         os.replace(tmp_path, final)
+        _fsync_path(final.parent, directory=True)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -73,8 +117,14 @@ def to_plain(value):
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a .ckpt/.pth/.pt (tensors and plain containers only) or a .safetensors file."""
+    """Load a .ckpt/.pth/.pt (tensors and plain containers only) or a .safetensors file.
+
+    Never unpickles code (``weights_only=True``). A file that is not a readable checkpoint raises
+    :class:`~vision3d.errors.InputError` naming it.
+    """
     import torch
+
+    from vision3d.errors import InputError, guard, short
 
     path = Path(path)
     if not path.exists():
@@ -82,11 +132,20 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        with guard(path, "a safetensors file (8-byte header length, JSON header, tensor data)"):
+            return load_file(str(path))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(
-            f"{path}: could not be read as tensors-only (weights_only=True) checkpoint ({e}); vision3d never "
-            "unpickles arbitrary objects -- re-save the state dict with torch.save(model.state_dict(), ...)"
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unpickling and zip errors come in many types
+        raise InputError(
+            path,
+            "file",
+            "a tensors-only checkpoint (torch.load weights_only=True); vision3d never unpickles arbitrary objects -- "
+            "re-save the state dict with torch.save(model.state_dict(), ...)",
+            f"{type(e).__name__}: {short(str(e), 300)}",
         ) from e
+    if not isinstance(state, dict):
+        raise InputError(path, "file", "a dict (state dict or Lightning checkpoint)", type(state).__name__)
+    return state
