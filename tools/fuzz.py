@@ -216,9 +216,9 @@ def _load_colmap(p: Path):
     from vision3d.geometry.colmap import read_colmap
 
     m = read_colmap(p.parent)
-    if m.images:
-        cams = m.to_cameras()
-        assert torch.isfinite(cams.K).all() and torch.isfinite(cams.cam_to_world).all(), "non-finite cameras"
+    if m.images and all(c.info.num_focal for c in m.cameras.values()):
+        for cams, _, _ in m.to_cameras(group_by_size=True).values():
+            assert torch.isfinite(cams.K).all() and torch.isfinite(cams.cam_to_world).all(), "non-finite cameras"
     return m
 
 

@@ -25,6 +25,8 @@ pose, which those versions still store in ``images``, is used).
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import InputError, check_finite, check_size, guard
 from ..utils.io import write_bytes_atomic, write_text_atomic
 from .cameras import Cameras
 from .rotations import make_rigid, matrix_to_quat, quat_to_matrix, rigid_inverse
@@ -416,6 +419,51 @@ class ColmapModel:
         return model
 
 
+# ---------------------------------------------------------------------------------------- input checks
+def _check_cameras(path: Path, cams: dict[int, ColmapCamera]) -> None:
+    """Refuse sizes that are not positive and intrinsics that are not finite or not physical."""
+    for cid, c in cams.items():
+        check_size(path, f"camera {cid} WIDTH/HEIGHT", c.width, c.height, max_pixels=2**31)
+        check_finite(path, f"camera {cid} PARAMS", c.params, "finite camera parameters")
+        nf = c.info.num_focal
+        if nf and not (c.params[:nf] > 0).all():
+            raise InputError(path, f"camera {cid} PARAMS (focal length)", "focal lengths > 0", c.params[:nf].tolist())
+
+
+def _check_images(path: Path, imgs: dict[int, ColmapImage]) -> None:
+    """Refuse non-finite poses and quaternions too short to be a rotation (all zero is not the identity)."""
+    for iid, im in imgs.items():
+        check_finite(path, f"image {iid} QVEC/TVEC", np.concatenate([im.qvec, im.tvec]), "finite pose values")
+        n = float(np.linalg.norm(im.qvec))
+        if not n > 1e-6:
+            raise InputError(path, f"image {iid} QVEC", "a unit quaternion (norm 1)", im.qvec.tolist())
+        if not np.isfinite(im.xys).all():
+            raise InputError(path, f"image {iid} POINTS2D", "finite pixel coordinates", "non-finite values")
+
+
+def _check_points(path: Path, pts: dict[int, ColmapPoint3D]) -> None:
+    for pid, pt in pts.items():
+        if not (np.isfinite(pt.xyz).all() and math.isfinite(pt.error)):
+            raise InputError(path, f"point {pid} XYZ/ERROR", "finite values", [*pt.xyz.tolist(), pt.error])
+
+
+def _reader(what: str, check):
+    """Wrap a reader: any parse failure becomes an InputError naming the file; the result is checked."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def read(path: str | os.PathLike):
+            path = Path(path)
+            with guard(path, what):
+                out = fn(path)
+                check(path, out)
+            return out
+
+        return read
+
+    return deco
+
+
 # ---------------------------------------------------------------------------------------- binary read
 class _Buf:
     """Sequential reader over a binary file that names the file and field on truncation."""
@@ -468,6 +516,7 @@ _P2D = np.dtype([("x", "<f8"), ("y", "<f8"), ("id", "<i8")])
 _TRACK = np.dtype([("image_id", "<i4"), ("idx", "<i4")])
 
 
+@_reader("a COLMAP cameras.bin", _check_cameras)
 def read_cameras_binary(path: str | os.PathLike) -> dict[int, ColmapCamera]:
     b = _Buf(Path(path))
     (n,) = b.unpack("Q", "num_cameras")
@@ -481,6 +530,7 @@ def read_cameras_binary(path: str | os.PathLike) -> dict[int, ColmapCamera]:
     return out
 
 
+@_reader("a COLMAP images.bin", _check_images)
 def read_images_binary(path: str | os.PathLike) -> dict[int, ColmapImage]:
     b = _Buf(Path(path))
     (n,) = b.unpack("Q", "num_reg_images")
@@ -497,6 +547,7 @@ def read_images_binary(path: str | os.PathLike) -> dict[int, ColmapImage]:
     return out
 
 
+@_reader("a COLMAP points3D.bin", _check_points)
 def read_points3D_binary(path: str | os.PathLike) -> dict[int, ColmapPoint3D]:
     b = _Buf(Path(path))
     (n,) = b.unpack("Q", "num_points")
@@ -525,7 +576,7 @@ def read_points3D_binary(path: str | os.PathLike) -> dict[int, ColmapPoint3D]:
 def _data_lines(path: Path) -> list[tuple[int, str]]:
     """(line number, text) of every line, comments and blank lines included (images.txt needs blanks)."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e.strerror})") from e
     return [(i + 1, ln.rstrip("\r\n")) for i, ln in enumerate(text.split("\n"))]
@@ -549,6 +600,7 @@ def _numbers(path: Path, lineno: int, field_: str, toks: list[str], dtype) -> np
         raise
 
 
+@_reader("a COLMAP cameras.txt", _check_cameras)
 def read_cameras_text(path: str | os.PathLike) -> dict[int, ColmapCamera]:
     path = Path(path)
     out = {}
@@ -573,6 +625,7 @@ def read_cameras_text(path: str | os.PathLike) -> dict[int, ColmapCamera]:
     return out
 
 
+@_reader("a COLMAP images.txt", _check_images)
 def read_images_text(path: str | os.PathLike) -> dict[int, ColmapImage]:
     path = Path(path)
     lines = _data_lines(path)
@@ -605,6 +658,7 @@ def read_images_text(path: str | os.PathLike) -> dict[int, ColmapImage]:
     return out
 
 
+@_reader("a COLMAP points3D.txt", _check_points)
 def read_points3D_text(path: str | os.PathLike) -> dict[int, ColmapPoint3D]:
     path = Path(path)
     out = {}
@@ -676,9 +730,9 @@ def read_colmap(path: str | os.PathLike, ext: str | None = None) -> ColmapModel:
     pts = readers[2](pts_path) if pts_path.is_file() else {}
     for im in imgs.values():
         if im.camera_id not in cams:
-            raise ValueError(
-                f"{folder / f'images{ext}'}: image {im.id} ({im.name}) field camera_id={im.camera_id} "
-                f"is not in {folder / f'cameras{ext}'}"
+            raise InputError(
+                folder / f"images{ext}", f"image {im.id} ({im.name}) field camera_id={im.camera_id}",
+                f"a camera id of {folder / f'cameras{ext}'}", "an id not in it",
             )
     return ColmapModel(cams, imgs, pts, folder)
 
