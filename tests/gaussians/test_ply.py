@@ -204,7 +204,7 @@ def test_truncated_and_not_ply(tmp_path):
     g = random_gaussians(n=10, degree=1)
     data = save_ply(tmp_path / "t.ply", g).read_bytes()
     (tmp_path / "cut.ply").write_bytes(data[:-7])
-    with pytest.raises(ValueError, match=r"cut\.ply: truncated"):
+    with pytest.raises(ValueError, match=r"cut\.ply: element vertex count: expected at most 9 vertices"):
         load_ply(tmp_path / "cut.ply")
     (tmp_path / "hdr.ply").write_bytes(data[:200])
     with pytest.raises(ValueError, match=r"hdr\.ply: truncated or malformed PLY header"):
@@ -290,3 +290,30 @@ def test_truncated_ascii(tmp_path):
     (tmp_path / "cut.ply").write_text(text[: text.rstrip().rfind("\n")])  # drop the last vertex line
     with pytest.raises(ValueError, match=r"cut\.ply: truncated ASCII PLY: expected 4 vertex lines, found 3"):
         load_ply(tmp_path / "cut.ply")
+
+
+def test_hostile_headers_end_in_input_error(tmp_path):
+    from vision3d.errors import InputError
+
+    head = "ply\nformat binary_little_endian 1.0\nelement vertex {n}\nproperty float x\nproperty float y\nproperty float z\nend_header\n"
+    p = tmp_path / "huge.ply"
+    p.write_bytes(head.format(n=10**15).encode() + b"\0" * 24)  # would be 12 PB of vertex data
+    with pytest.raises(InputError, match=r"huge\.ply: element vertex count: expected at most 2 vertices"):
+        load_ply(p)
+    p.write_bytes(head.format(n=10**15).replace("binary_little_endian", "ascii").encode() + b"1 2 3\n")
+    with pytest.raises(InputError, match=r"huge\.ply: element vertex count"):
+        load_ply(p)
+    p.write_bytes(b"ply\nformat ascii 1.0\ncomment " + b"x" * (17 * 2**20))  # no end_header within 16 MiB
+    with pytest.raises(InputError, match=r"huge\.ply: header: expected a PLY header under 16 MiB"):
+        read_ply_header(p)
+    p.write_bytes(b"ply\nformat ascii 1.0\nelement vertex 1\nproperty float \xff\xfe\nend_header\n1\n")
+    with pytest.raises(InputError, match=r"huge\.ply"):
+        load_ply(p)
+
+
+def test_long_comment_header_is_read_in_one_pass(tmp_path):
+    g = Gaussians(torch.zeros(2, 3), torch.tensor([[1.0, 0, 0, 0]] * 2), torch.ones(2, 3) * 0.1, torch.full((2,), 0.5), torch.zeros(2, 1, 3))
+    p = save_ply(tmp_path / "c.ply", g)
+    data = p.read_bytes()
+    p.write_bytes(data.replace(b"format binary_little_endian 1.0\n", b"format binary_little_endian 1.0\ncomment " + b"y" * (15 * 2**20) + b"\n", 1))
+    torch.testing.assert_close(load_ply(p).means, g.means)

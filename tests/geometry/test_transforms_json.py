@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from vision3d.errors import InputError
 from vision3d.geometry import (
     Cameras,
     make_rigid,
@@ -122,13 +123,44 @@ def test_opencv_with_k3_becomes_full_opencv(tmp_path):
         ({"w": 4, "h": 4, "frames": [{"file_path": "a", "transform_matrix": torch.eye(4).tolist()}]},
          r"frames\[0\] has no focal length"),
         ({"fl_x": "big", "w": 4, "h": 4, "frames": [{"file_path": "a", "transform_matrix": torch.eye(4).tolist()}]},
-         r"'fl_x' must be a number"),
+         r"fl_x: expected a number"),
     ],
 )
 def test_bad_files_name_file_and_field(tmp_path, meta, match):
     (tmp_path / "transforms.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=match):
         read_transforms_json(tmp_path)
+
+
+_EYE = torch.eye(4).tolist()
+_ZERO_R = [[0.0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 3], [0, 0, 0, 1]]
+
+
+@pytest.mark.parametrize(
+    "top, frame, field",
+    [
+        ({}, {"file_path": "../../etc/passwd"}, r"frames\[0\]\.file_path: expected a path inside"),
+        ({}, {"file_path": "/etc/passwd"}, r"frames\[0\]\.file_path: expected a path inside"),
+        ({"fl_x": float("nan")}, {}, r"fl_x: expected a finite number"),
+        ({"fl_x": -3.0}, {}, r"fl_x: expected a finite focal length > 0"),
+        ({"fl_x": 0}, {}, r"fl_x: expected a finite focal length > 0"),
+        ({"fl_x": None, "camera_angle_x": 0}, {}, r"camera_angle_x: expected a field of view"),
+        ({"w": 0}, {}, r"w/h width: expected a positive integer"),
+        ({"h": -4}, {}, r"w/h height: expected a positive integer"),
+        ({"w": 10**6, "h": 10**6}, {}, r"w/h: expected at most"),
+        ({}, {"transform_matrix": _ZERO_R}, r"frames\[0\]\.transform_matrix: expected a rotation"),
+        ({}, {"transform_matrix": [[float("nan")] * 4] * 4}, r"frames\[0\]\.transform_matrix: expected finite values"),
+        ({"cx": float("inf")}, {}, r"cx: expected a finite number"),
+    ],
+)
+def test_hostile_values_are_refused_with_input_error(tmp_path, top, frame, field):
+    meta = {"fl_x": 4.0, "w": 4, "h": 4, **top}
+    meta = {k: v for k, v in meta.items() if v is not None}
+    meta["frames"] = [{"file_path": "a.png", "transform_matrix": _EYE, **frame}]
+    (tmp_path / "transforms.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=field) as e:
+        read_transforms_json(tmp_path)
+    assert str(tmp_path / "transforms.json") in str(e.value)
 
 
 def test_bad_writer_arguments(tmp_path):

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vision3d.errors import InputError, check_count, guard
 from vision3d.utils.io import atomic_path
 
 from .gaussians import SH_C0, Gaussians, num_sh_bases
@@ -72,16 +73,27 @@ class PlyHeader:
         return next((e for e in self.elements if e.name == name), None)
 
 
+_MAX_HEADER = 16 * 2**20  # a longer header (a 15 MB comment...) is refused
+
+
 def _read_header_bytes(path: Path) -> tuple[bytes, int]:
+    parts: list[bytes] = []
+    size = 0
     with open(path, "rb") as f:
-        head = b""
-        while b"end_header" not in head:
+        tail = b""
+        while True:
             chunk = f.read(65536)
             if not chunk:
                 break
-            head += chunk
-            if len(head) > 16 * 2**20:
+            parts.append(chunk)
+            size += len(chunk)
+            # search only the new bytes (and the few before them that could start the marker): linear time
+            if b"end_header" in tail + chunk:
                 break
+            tail = chunk[-len(b"end_header") :]
+            if size > _MAX_HEADER:
+                raise InputError(path, "header", f"a PLY header under {_MAX_HEADER // 2**20} MiB ending in 'end_header'", f"no 'end_header' in the first {size} bytes")
+    head = b"".join(parts)
     if not head.startswith(b"ply"):
         raise ValueError(f"{path}: not a PLY file (it does not start with 'ply')")
     end = head.find(b"end_header")
@@ -96,6 +108,11 @@ def _read_header_bytes(path: Path) -> tuple[bytes, int]:
 def read_ply_header(path: str | os.PathLike) -> PlyHeader:
     """Parse the header of a PLY file (any format, any elements)."""
     path = Path(path)
+    with guard(path, "a PLY header"):
+        return _parse_header(path)
+
+
+def _parse_header(path: Path) -> PlyHeader:
     text, offset = _read_header_bytes(path)
     fmt = None
     elements: list[PlyElement] = []
@@ -174,6 +191,8 @@ def _vertex_table(path: Path, header: PlyHeader) -> _VertexTable:
     names = [name for name, _ in vertex.properties]
     kinds = {kind for _, kind in vertex.properties}
     if header.format == "ascii":
+        # each vertex line holds p numbers of at least one character plus separators
+        check_count(path, "element vertex count", n, max(1, 2 * p), max(0, path.stat().st_size - header.data_offset))
         with open(path, "rb") as f:
             f.seek(header.data_offset)
             lines = f.read().decode("latin-1").splitlines()
@@ -201,6 +220,12 @@ def _vertex_table(path: Path, header: PlyHeader) -> _VertexTable:
             )
         skip_bytes += e.count * sum(np.dtype(kind).itemsize for _, kind in e.properties)
     record = np.dtype([(name, order + kind) for name, kind in vertex.properties])
+    available = max(0, path.stat().st_size - header.data_offset - skip_bytes)
+    if n * record.itemsize > available:  # checked before reading, so a huge count allocates nothing
+        raise InputError(
+            path, "element vertex count", f"at most {available // max(1, record.itemsize)} vertices "
+            f"({available} data bytes at {record.itemsize} bytes each)", n,
+        )
     need = n * record.itemsize
     with open(path, "rb") as f:
         f.seek(header.data_offset + skip_bytes)
@@ -235,6 +260,11 @@ def load_ply(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such PLY file")
+    with guard(path, "a 3DGS PLY file (INRIA layout)"):
+        return _load_ply(path, device, dtype, validate)
+
+
+def _load_ply(path: Path, device, dtype: torch.dtype, validate: bool) -> Gaussians:
     table = _vertex_table(path, read_ply_header(path))
     n = table.n
     n_rest = sum(1 for name in table.names if name.startswith("f_rest_"))
@@ -378,6 +408,11 @@ def load_splat(
 ) -> Gaussians:
     """Read an antimatter15 ``.splat`` file into unbatched SH-degree-0 Gaussians (8-bit precision)."""
     path = Path(path)
+    with guard(path, "an antimatter15 .splat file"):
+        return _load_splat(path, device, dtype)
+
+
+def _load_splat(path: Path, device, dtype: torch.dtype) -> Gaussians:
     data = path.read_bytes()
     if len(data) % _SPLAT_RECORD.itemsize:
         raise ValueError(

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import InputError, check_finite, check_positive, check_size, guard, inside, short
 from ..utils.io import write_text_atomic
 from .cameras import Cameras
 from .conventions import opencv_to_opengl, opengl_to_opencv
@@ -86,8 +87,14 @@ class TransformsJson:
 
 def _num(path: Path, where: str, key: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{path}: {where}'{key}' must be a number, got {value!r}")
-    return float(value)
+        raise InputError(path, f"{where}{key}", "a number", value)
+    try:
+        v = float(value)
+    except OverflowError:
+        raise InputError(path, f"{where}{key}", "a finite number", value) from None
+    if not math.isfinite(v):
+        raise InputError(path, f"{where}{key}", "a finite number", value)
+    return v
 
 
 def _image_size(path: Path, image: Path) -> tuple[int, int]:
@@ -96,14 +103,19 @@ def _image_size(path: Path, image: Path) -> tuple[int, int]:
 
         with Image.open(image) as im:
             return im.size
-    except (OSError, ImportError) as e:
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL's errors for broken files come in many types
         raise ValueError(
             f"{path}: no 'w'/'h' keys and the first image {image} cannot be opened to read its size ({e})"
         ) from e
 
 
-def _resolve_image(root: Path, file_path: str) -> Path:
-    p = (root / file_path).resolve() if not Path(file_path).is_absolute() else Path(file_path)
+def _resolve_image(root: Path, file_path: str, path: Path | None = None, where: str = "") -> Path:
+    """``file_path`` resolved against the dataset folder; a path leaving it (``../``, absolute, a link out) is refused."""
+    if "\x00" in file_path or not file_path.strip():
+        raise InputError(path or root, f"{where}file_path", "a relative image path", file_path)
+    p = inside(root, file_path, f"{where}file_path", path=path)
     if p.suffix == "" and not p.exists():
         for ext in (".png", ".jpg", ".jpeg", ".PNG", ".JPG"):
             if p.with_suffix(ext).exists():
@@ -133,12 +145,21 @@ def read_transforms_json(
     path = Path(path)
     if path.is_dir():
         path = path / "transforms.json"
+    with guard(path, "a transforms.json (nerfstudio / NeRF-synthetic layout)"):
+        return _read_transforms_json(path, downscale, dtype)
+
+
+def _read_transforms_json(path: Path, downscale: int, dtype: torch.dtype) -> TransformsJson:
     try:
-        meta = json.loads(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise
     except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror})") from e
+        raise InputError(path, "file", "a readable file", e.strerror) from e
+    try:
+        meta = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise InputError(path, "file", "valid JSON", str(e)) from e
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: expected a JSON object at the top level, got {type(meta).__name__}")
     if "frames" not in meta:
@@ -169,6 +190,8 @@ def read_transforms_json(
             raise ValueError(f"{path}: {where}transform_matrix must be a 4x4 (or 3x4) list of numbers")
         if m.shape == (3, 4):
             m = torch.cat([m, torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)])
+        check_finite(path, f"{where}transform_matrix", m, "finite values")
+        _check_rotation(path, f"{where}transform_matrix", m[:3, :3])
         c2ws.append(m)
 
         def get(key, _fr=fr):
@@ -179,14 +202,13 @@ def read_transforms_json(
             raise ValueError(
                 f"{path}: camera_model '{cam_model}' is not supported; expected one of {sorted(DISTORTION_KEYS)}"
             )
-        image = _resolve_image(root, fr["file_path"])
+        image = _resolve_image(root, fr["file_path"], path, where)
         w, h = get("w"), get("h")
         if w is None or h is None:  # NeRF-synthetic: no size keys; all frames share the first image's size
             if first_size is None:
                 first_size = _image_size(path, image)
             w, h = first_size
-        w = int(_num(path, where if "w" in fr else "", "w", w))
-        h = int(_num(path, where if "h" in fr else "", "h", h))
+        w, h = check_size(path, f"{where if 'w' in fr else ''}w/h", _num(path, where if "w" in fr else "", "w", w), _num(path, where if "h" in fr else "", "h", h))
         fx, fy = get("fl_x"), get("fl_y")
         if fx is None:
             ax = get("camera_angle_x")
@@ -195,16 +217,18 @@ def read_transforms_json(
                     f"{path}: frames[{i}] has no focal length: neither 'fl_x' nor 'camera_angle_x' is set "
                     "in the frame or at the top level"
                 )
-            fx = 0.5 * w / math.tan(0.5 * _num(path, "", "camera_angle_x", ax))
+            fx = 0.5 * w / math.tan(0.5 * _angle(path, "camera_angle_x", ax))
         if fy is None:
             ay = get("camera_angle_y")
-            fy = fx if ay is None else 0.5 * h / math.tan(0.5 * _num(path, "", "camera_angle_y", ay))
+            fy = fx if ay is None else 0.5 * h / math.tan(0.5 * _angle(path, "camera_angle_y", ay))
         cx, cy = get("cx"), get("cy")
         cx = w / 2.0 if cx is None else cx
         cy = h / 2.0 if cy is None else cy
         vals = {}
         for key, val in (("fl_x", fx), ("fl_y", fy), ("cx", cx), ("cy", cy)):
             vals[key] = _num(path, where if key in fr else "", key, val)
+        for key in ("fl_x", "fl_y"):
+            check_positive(path, f"{where if key in fr else ''}{key}", vals[key], "a finite focal length > 0 (pixels)")
         Ks.append([[vals["fl_x"], 0.0, vals["cx"]], [0.0, vals["fl_y"], vals["cy"]], [0.0, 0.0, 1.0]])
         dist_all = {}
         for key in _ALL_DIST:
@@ -245,12 +269,31 @@ def read_transforms_json(
     if downscale > 1:
         K = K * K.new_tensor([1.0 / downscale, 1.0 / downscale, 1.0])[:, None]
         w, h = w // downscale, h // downscale
+    # values finite in float64 can overflow the requested dtype (a 1e40 translation in float32)
+    check_finite(path, "transform_matrix", c2w, f"values representable in {dtype}")
+    check_finite(path, "fl_x/fl_y/cx/cy", K, f"values representable in {dtype}")
     cameras = Cameras(K, c2w, w, h)
     distortion = torch.tensor(dists, dtype=dtype) if DISTORTION_KEYS[cam_model] else None
     extra = {
         k: v for k, v in meta.items() if k != "frames" and k not in _INTRINSIC_KEYS and k not in _ALL_DIST
     }
     return TransformsJson(cameras, paths, distortion, cam_model, extra, fextra)
+
+
+def _angle(path: Path, key: str, value) -> float:
+    """A field of view in radians, strictly between 0 and pi (``camera_angle_x: 0`` would divide by zero)."""
+    a = _num(path, "", key, value)
+    if not 0.0 < a < math.pi:
+        raise InputError(path, key, "a field of view in radians, 0 < angle < pi", value)
+    return a
+
+
+def _check_rotation(path: Path, field: str, R: Tensor) -> None:  # [3, 3] float64
+    """Refuse a rotation block that is not a rotation (all zero, scaled, sheared): it would not silently be the identity."""
+    err = float((R.T @ R - torch.eye(3, dtype=R.dtype)).abs().max())
+    det = float(torch.linalg.det(R))
+    if err > 1e-2 or det < 0:
+        raise InputError(path, field, "a rotation in the upper-left 3x3 (orthonormal, determinant +1)", f"determinant {det:.4g}, |R^T R - I| = {err:.3g}")
 
 
 def _is_matrix(x) -> bool:
