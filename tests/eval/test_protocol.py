@@ -54,3 +54,26 @@ def test_eval_command_from_safetensors(data, tmp_path):
     assert code == 0 and (tmp_path / "ev" / "metrics.json").exists()
     with pytest.raises(ValueError, match="does not fit"):
         load_model_for_eval(tmp_path / "w.safetensors", "ilrm_re10k")
+
+
+@pytest.mark.parametrize("key", ["../escape", "/tmp/abs_scene", "a/../../b"])
+def test_scene_keys_cannot_write_outside_out(data, tmp_path, key):
+    from dataclasses import replace
+
+    from vision3d.errors import InputError
+
+    root, _ = data
+    ds = ChunkDataset(ChunkDatasetConfig(roots=[root], split="test", image_shape=(16, 16)), EvaluationViewSampler(root / "index.json"))
+
+    class Renamed:  # a dataset whose scene key is hostile
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return replace(ds[i], scene=key)
+
+    torch.manual_seed(0)
+    with pytest.raises(InputError, match="scene key: expected a relative name inside"):
+        evaluate(create("ilrm_tiny"), Renamed(), tmp_path / "eval", lpips=False, progress=False)
+    written = [p for p in tmp_path.rglob("*.png")]
+    assert written == [] and not (tmp_path / "escape").exists()

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vision3d.utils.io import check_writable_dir, write_text_atomic
+from vision3d.utils.io import check_writable_dir, output_path, write_text_atomic
 
 log = logging.getLogger("vision3d.eval")
 
@@ -117,7 +117,9 @@ def evaluate(
             row = {"scene": ex.scene, "frame": frame, **{k: float(v[j]) for k, v in per.items()}}
             scene_rows.append(row)
             if save_renders:
-                save_png(out / "renders" / ex.scene / f"{frame:05d}.png", _side_by_side(pred[j], gt[j]).cpu())
+                # the scene key comes from the dataset: it must not choose a folder outside --out
+                dest = output_path(out / "renders", str(ex.scene), f"{frame:05d}.png", field="scene key")
+                save_png(dest, _side_by_side(pred[j], gt[j]).cpu())
         rows += scene_rows
         names = [k for k in scene_rows[0] if k not in ("scene", "frame")]
         scenes.append({"scene": ex.scene, "views": len(scene_rows), **{k: sum(r[k] for r in scene_rows) / len(scene_rows) for k in names}})

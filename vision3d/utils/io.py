@@ -95,6 +95,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def output_path(root: str | os.PathLike, *parts: str, field: str = "output path") -> Path:
+    """``root/parts...`` resolved and checked to stay inside ``root``.
+
+    Names that come from data (a dataset's scene key, a frame name) must not pick where files go:
+    ``../x``, an absolute name, or a link out of ``root`` raises :class:`~vision3d.errors.InputError`
+    naming ``field`` and the offending value.
+    """
+    from vision3d.errors import InputError
+
+    root_r = Path(root).resolve()
+    for part in parts:
+        text = os.fspath(part)
+        if not text or "\x00" in text or Path(text).is_absolute():
+            raise InputError(root_r, field, f"a relative name inside {root_r}", text)
+    full = root_r.joinpath(*parts).resolve()
+    if full != root_r and root_r not in full.parents:
+        raise InputError(root_r, field, f"a relative name inside {root_r}", os.path.join(*map(os.fspath, parts)))
+    return full
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
