@@ -17,7 +17,7 @@ import os
 import struct
 from typing import Iterator
 
-__all__ = ["InputError", "short", "guard", "check_finite", "check_positive", "check_size", "check_count", "inside"]
+__all__ = ["InputError", "ResourceLimitError", "memory_budget", "short", "guard", "check_finite", "check_positive", "check_size", "check_count", "inside"]
 
 
 def short(value, limit: int = 80) -> str:
@@ -50,6 +50,26 @@ class InputError(ValueError):
 
     def __reduce__(self):  # picklable across DataLoader workers, subclasses included
         return (_restore, (type(self), self.args, dict(self.__dict__)))
+
+
+class ResourceLimitError(InputError):
+    """An input whose processing would need more memory than allowed (checked before allocating)."""
+
+
+def memory_budget(device=None) -> int:
+    """Bytes a single operation may plan to allocate: half the free memory of ``device`` (CUDA) or of the host."""
+    try:
+        import torch
+
+        if device is not None and torch.device(device).type == "cuda":
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
+            return int(free * 0.5)
+    except Exception:  # noqa: BLE001 - no CUDA query possible: fall back to host memory
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.5)
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 8 << 30
 
 
 def _restore(cls, args, state):

@@ -7,6 +7,7 @@ Library for Gaussian Splatting" (arXiv 2409.06765), and 3D Gaussian Splatting (K
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Literal
 
 import torch
@@ -21,28 +22,56 @@ Mode = Literal["RGB", "D", "ED", "RGB+D", "RGB+ED"]
 Backend = Literal["auto", "gsplat", "torch"]
 
 
+class GsplatFallbackWarning(RuntimeWarning):
+    """CUDA tensors are rendered by the CPU-style torch twin because gsplat's kernels did not load."""
+
+
 @functools.lru_cache(maxsize=None)
-def gsplat_cuda_usable() -> bool:
-    """True when CUDA is present and gsplat's CUDA kernels load (built or built on first use)."""
+def gsplat_cuda_error() -> str | None:
+    """``None`` when CUDA is present and gsplat's CUDA kernels load (built, or built on first use); else why not."""
     if not torch.cuda.is_available():
-        return False
+        return "CUDA is not available"
     try:
         from gsplat.cuda._backend import _C  # noqa: F401  (triggers the JIT build if needed)
-    except Exception:  # noqa: BLE001
-        return False
-    return _C is not None
+    except Exception as e:  # noqa: BLE001 - a failed build or a missing toolkit can raise anything
+        return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+    if _C is None:
+        return "gsplat.cuda._backend._C is None (the CUDA extension did not build; see gsplat's build log)"
+    return None
+
+
+def gsplat_cuda_usable() -> bool:
+    """True when CUDA is present and gsplat's CUDA kernels load (built or built on first use)."""
+    return gsplat_cuda_error() is None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(reason: str) -> None:  # once per process and reason
+    warnings.warn(
+        f"rasterize(backend='auto'): gsplat's CUDA kernels are not usable ({reason}); rendering CUDA tensors with the "
+        "pure-PyTorch twin, which is far slower (~100x). Run `vision3d doctor`, or pass backend='torch' to silence this.",
+        GsplatFallbackWarning,
+        stacklevel=4,
+    )
 
 
 def resolve_backend(backend: Backend, device: torch.device) -> str:
     if backend == "auto":
-        return "gsplat" if device.type == "cuda" and gsplat_cuda_usable() else "torch"
+        if device.type != "cuda":
+            return "torch"
+        reason = gsplat_cuda_error()
+        if reason is None:
+            return "gsplat"
+        _warn_fallback(reason)  # loud: never a silent 100x slowdown on a GPU machine
+        return "torch"
     if backend == "gsplat":
         if device.type != "cuda":
             raise ValueError("rasterize(backend='gsplat') needs CUDA tensors; use backend='torch' on the CPU")
-        if not gsplat_cuda_usable():
+        reason = gsplat_cuda_error()
+        if reason is not None:
             raise RuntimeError(
-                "gsplat's CUDA kernels are not usable here (run `vision3d doctor`); install with `pip install gsplat` "
-                "on a machine with the CUDA toolkit, or use backend='torch'"
+                f"rasterize(backend='gsplat'): gsplat's CUDA kernels are not usable here ({reason}); run `vision3d doctor`, "
+                "install with `pip install gsplat` on a machine with the CUDA toolkit, or use backend='torch'"
             )
         return "gsplat"
     if backend == "torch":
@@ -64,6 +93,7 @@ def rasterize(
     radius_clip: float = 0.0,  # skip Gaussians with a pixel radius <= this
     backend: Backend = "auto",
     tile_size: int | None = None,  # pixels per tile side; None: 16 for gsplat, 4 for the torch twin
+    max_bytes: int | None = None,  # refuse a render planned above this many bytes; None: half the free memory
 ) -> RenderOutput:
     """Render Gaussians into every camera.
 
@@ -74,6 +104,12 @@ def rasterize(
 
     ``tile_size`` changes only the work split, not the image (the twin's tiles are evaluated
     densely, so it defaults to small 4x4 tiles on the CPU; gsplat's CUDA kernel uses 16x16).
+
+    Memory is sized before anything is allocated (images, per-Gaussian tensors and, in the twin,
+    the tile lists); a render that would exceed ``max_bytes`` raises
+    :class:`~vision3d.errors.ResourceLimitError` with the numbers. With ``backend="auto"`` on CUDA
+    tensors, a gsplat that fails to load is reported by a :class:`GsplatFallbackWarning` naming the
+    error before the (much slower) twin runs; ``backend="gsplat"`` raises instead.
 
     Returns:
         :class:`RenderOutput` with channels-first images of shape ``[*B, V, C, H, W]``.
@@ -108,10 +144,12 @@ def rasterize(
         radius_clip=float(radius_clip),
         tile_size=int(tile_size),
     )
+    from .torch_backend import check_render_size, rasterize_torch
+
     if which == "gsplat":
         from .gsplat_backend import rasterize_gsplat
 
+        channels = (3 if "RGB" in mode else 0) + (1 if "D" in mode else 0)
+        check_render_size(cameras.batch_shape.numel(), gaussians.num, cameras.width, cameras.height, channels, max_bytes, gaussians.device)
         return rasterize_gsplat(gaussians, cameras, **kwargs)
-    from .torch_backend import rasterize_torch
-
-    return rasterize_torch(gaussians, cameras, **kwargs)
+    return rasterize_torch(gaussians, cameras, max_bytes=max_bytes, **kwargs)

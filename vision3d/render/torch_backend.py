@@ -30,8 +30,12 @@ What is reproduced, in gsplat's order:
 
 The compositing is a ``torch.autograd.Function`` with an analytic backward (gradients of the
 colours, the 2D means, the conics and the opacities, like gsplat's backward kernel). Tiles are
-processed in groups, and a tile's depth-sorted list in segments, so that no intermediate holds more
-than ``chunk_elems`` (tile x Gaussian x pixel) numbers: memory stays bounded for any scene. The
+processed in groups, and a tile's depth-sorted list in segments, so that no compositing intermediate
+holds more than ``chunk_elems`` (tile x Gaussian x pixel) numbers. That bounds the compositing only:
+the per-Gaussian tensors (projection, colours: about 1 KB per Gaussian and camera), the tile lists
+(about 64 bytes per Gaussian-tile intersection) and the images grow with the scene, so
+:func:`estimate_render_bytes` and :func:`check_intersections` size them up front and refuse a render
+that would not fit ``max_bytes`` (default: half the free memory) with the numbers in the message. The
 forward's intermediates are kept for the backward when they fit in ``cache_bytes`` (default
 512 MiB), else the backward recomputes them group by group. Inside a group everything is
 vectorised; the Gaussian's exponent is a quadratic in the pixel's offset from the tile centre, so it
@@ -57,6 +61,8 @@ from vision3d.gaussians import Gaussians
 from vision3d.gaussians.sh import eval_sh
 from vision3d.geometry import Cameras
 
+from vision3d.errors import ResourceLimitError, memory_budget
+
 from .types import RenderOutput
 
 ALPHA_THRESHOLD = 1.0 / 255.0  # gsplat's ALPHA_THRESHOLD
@@ -65,6 +71,61 @@ T_MIN = 1e-4  # compositing stops before transmittance would fall to this
 EXTENT_MAX = 3.33  # gsplat's sigma multiplier for the radius
 DEFAULT_CHUNK_ELEMS = 1 << 22  # tile x Gaussian x pixel numbers per intermediate (16 MiB in float32)
 DEFAULT_CACHE_BYTES = 1 << 29  # forward intermediates kept for the backward when they fit (else recomputed)
+
+
+BYTES_PER_GAUSSIAN_VIEW = 1024  # projection, SH colours, radii, conics... per Gaussian and camera (float32, measured ~1 KB)
+BYTES_PER_PIXEL_CHANNEL = 16  # output, tiled view, transmittance and untiling copies per pixel and channel
+BYTES_PER_INTERSECTION = 64  # ids, tiles, ranks, sort permutations per Gaussian-tile pair (int64)
+
+
+def estimate_render_bytes(images: int, gaussians: int, width: int, height: int, channels: int) -> int:
+    """Memory a render will allocate before compositing: per-Gaussian tensors and the images."""
+    return images * gaussians * BYTES_PER_GAUSSIAN_VIEW + images * width * height * (channels + 1) * BYTES_PER_PIXEL_CHANNEL
+
+
+def check_render_size(images: int, gaussians: int, width: int, height: int, channels: int, max_bytes: int | None, device=None) -> None:
+    """Refuse (before allocating) a render whose per-Gaussian tensors and images exceed ``max_bytes``."""
+    need = estimate_render_bytes(images, gaussians, width, height, channels)
+    budget = memory_budget(device) if max_bytes is None else int(max_bytes)
+    if need > budget:
+        raise ResourceLimitError(
+            None, "render size", f"at most {budget / 2**20:.0f} MiB of render memory (max_bytes)",
+            f"{images} image(s) of {width}x{height} with {gaussians} Gaussians: about {need / 2**20:.0f} MiB "
+            f"({BYTES_PER_GAUSSIAN_VIEW} B per Gaussian and image + {(channels + 1) * BYTES_PER_PIXEL_CHANNEL} B per pixel); "
+            "render fewer views or a smaller image at a time, or prune Gaussians",
+        )
+
+
+def check_intersections(
+    radii: Tensor,  # [I, N, 2] int pixels, 0 = culled
+    means2d: Tensor,  # [I, N, 2] pixels
+    tile_size: int,
+    width: int,
+    height: int,
+    max_bytes: int | None,
+    device=None,
+) -> int:
+    """Count Gaussian-tile intersections (as :func:`intersect_tiles` will) without building the lists;
+    refuse when the lists would not fit ``max_bytes``."""
+    if tile_size < 1:
+        return 0  # composite() names the bad tile_size
+    vis = (radii > 0).all(-1)
+    r = radii.to(means2d.dtype) / tile_size
+    m = means2d / tile_size
+    lim = means2d.new_tensor([math.ceil(width / tile_size), math.ceil(height / tile_size)])
+    lo = torch.minimum(torch.floor(m - r).clamp(min=0), lim)
+    hi = torch.minimum(torch.ceil(m + r).clamp(min=0), lim)
+    span = hi - lo
+    total = int(torch.where(vis, span[..., 0] * span[..., 1], torch.zeros_like(span[..., 0])).double().sum())
+    budget = memory_budget(device) if max_bytes is None else int(max_bytes)
+    if total * BYTES_PER_INTERSECTION > budget:
+        raise ResourceLimitError(
+            None, "render work", f"at most {budget // BYTES_PER_INTERSECTION} Gaussian-tile intersections "
+            f"({budget / 2**20:.0f} MiB at {BYTES_PER_INTERSECTION} B each)",
+            f"about {total} intersections ({int(vis.sum())} visible Gaussians, tile size {tile_size}); "
+            "large screen-filling Gaussians cover many tiles: render a smaller image or prune them",
+        )
+    return total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,8 +603,13 @@ def rasterize_torch(
     tile_size: int = 4,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,  # memory bound: numbers per intermediate
     cache_bytes: int = DEFAULT_CACHE_BYTES,  # forward intermediates kept for the backward up to this
+    max_bytes: int | None = None,  # refuse renders planned above this (None: half the free memory)
 ) -> RenderOutput:
-    """The PyTorch twin of ``gsplat.rasterization`` (``packed=False``), see the module docstring."""
+    """The PyTorch twin of ``gsplat.rasterization`` (``packed=False``), see the module docstring.
+
+    Raises :class:`~vision3d.errors.ResourceLimitError` before allocating when the images, the
+    per-Gaussian tensors or the tile lists would exceed ``max_bytes``.
+    """
     gb = tuple(gaussians.batch_shape)
     cb = tuple(cameras.batch_shape)
     if len(cb) != len(gb) + 1 or cb[: len(gb)] != gb:
@@ -558,6 +624,8 @@ def rasterize_torch(
     opacities = gaussians.opacities.reshape(Bn, N)
     sh = gaussians.sh.reshape(Bn, N, gaussians.sh.shape[-2], 3)
     cams = cameras.to(device=dev, dtype=dtype).reshape(Bn, V)
+    channels = (3 if "RGB" in mode else 0) + (1 if "D" in mode else 0)
+    check_render_size(Bn * V, N, W, H, channels, max_bytes, dev)
 
     proj = project_gaussians(
         means, covariances_3d(quats, scales), opacities, cams.world_to_cam, cams.K, W, H,
@@ -574,6 +642,7 @@ def rasterize_torch(
         feats.append(depths[..., None])
     colors = torch.cat(feats, -1)  # [Bn, V, N, Ch]
     I = Bn * V
+    check_intersections(proj["radii"].reshape(I, N, 2), proj["means2d"].reshape(I, N, 2).detach(), tile_size, W, H, max_bytes, dev)
     lead = (*gb, V)
     means2d = proj["means2d"].reshape(*lead, N, 2)  # the tensor the images depend on (retain_grad-able)
     render, alpha, stats = composite(
