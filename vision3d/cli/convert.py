@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import tyro
 
+from vision3d.errors import InputError, guard
 from vision3d.utils.io import read_checkpoint
 
 # name -> (module, converter function, one line on what it reads)
@@ -57,9 +59,27 @@ def run(args: Args) -> int:
     if not args.source or not args.dest:
         print("vision3d convert: give METHOD SOURCE DEST (see --help)")
         return 2
+    try:
+        return _convert(args)
+    except (InputError, FileNotFoundError, KeyError) as e:  # bad input: a message, not a traceback
+        text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"vision3d convert: {text}", file=sys.stderr)
+        return 2
+
+
+def _convert(args: Args) -> int:
     from vision3d.train.checkpoint import save_weights
 
-    state = get_converter(args.method)(read_checkpoint(Path(args.source)))
+    converter = get_converter(args.method)
+    source = Path(args.source)
+    raw = read_checkpoint(source)
+    try:
+        with guard(source, f"a {args.method} checkpoint: {CONVERTERS[args.method][2]}"):
+            state = converter(raw)
+    except InputError as e:
+        if e.path != str(source):  # converters that do not know the file: name it
+            raise InputError(source, e.field, e.expected, e.got) from e
+        raise
     dest = Path(args.dest)
     module = importlib.import_module(CONVERTERS[args.method][0])
     n = sum(v.numel() for v in state.values())

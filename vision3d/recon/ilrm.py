@@ -411,7 +411,7 @@ def convert_ilrm_checkpoint(state: dict[str, Tensor], path=None) -> dict[str, Te
             if n:
                 break
         else:
-            raise InputError(where, f"key '{short(key, 120)}'", "a key of the authors' iLRM layout", "an unexpected key")
+            raise InputError(where, f"key {short(key, 120)}", "a key of the authors' iLRM layout", "an unexpected key")
         out[new] = value
     for i, kv in cross_qkv.items():
         if set(kv) != {"k", "v"}:
