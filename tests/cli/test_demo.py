@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -37,6 +38,7 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     assert torch.get_num_threads() == threads  # --threads is restored after the run
     printed = capsys.readouterr().out
     assert "held-out PSNR" in printed
+    assert not (out / demo.INCOMPLETE).exists()  # a finished run has no marker
     for name in ("scene.ply", "metrics.json", "config.yaml", "video.mp4", "renders/test_00.png", "renders/test_01.png"):
         assert (out / name).is_file(), name
 
@@ -77,3 +79,18 @@ def test_console_script_help():
     assert res.returncode == 0
     for command in ("demo", "doctor", "render"):
         assert f"  {command} " in res.stdout
+
+
+def test_killed_demo_leaves_a_marked_incomplete_folder(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # stands for a kill mid-run
+
+    monkeypatch.setattr(demo, "rgbd_init", killed)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run(demo.Args(out=out, width=24, height=18, steps=1))
+    assert (out / demo.INCOMPLETE).is_file() and "killed or failed" in (out / demo.INCOMPLETE).read_text()
+    assert demo.run(demo.Args(out=out, width=24, height=18, steps=1)) == 2
+    err = capsys.readouterr().err
+    assert "unfinished run" in err and "--overwrite" in err

@@ -167,14 +167,37 @@ def load_config(path: str | os.PathLike) -> Args:
 
 
 # ------------------------------------------------------------------ the pipeline
+INCOMPLETE = "INCOMPLETE"  # marker file: present while a run is writing, removed when it has finished
+
+
 def _check_out(out: Path, overwrite: bool) -> Path:
     from vision3d.utils.io import check_writable_dir
 
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: exists and is a file; expected a run folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
+        if (out / INCOMPLETE).exists():
+            raise FileExistsError(
+                f"{out}: holds an unfinished run ({INCOMPLETE} marker: it was killed or failed); pass --overwrite to "
+                "run again into it (files of the same names are replaced, others kept) or choose another --out"
+            )
         raise FileExistsError(f"{out}: run folder exists and is not empty; pass --overwrite or choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        print(f"vision3d demo: --overwrite: replacing the run files in {out} (other files there are kept)", file=sys.stderr)
     return check_writable_dir(out)
+
+
+def _mark_incomplete(out: Path) -> None:
+    import datetime
+
+    from vision3d.utils.io import write_text_atomic
+
+    write_text_atomic(
+        out / INCOMPLETE,
+        f"vision3d demo started {datetime.datetime.now(datetime.timezone.utc).isoformat()} (pid {os.getpid()}); "
+        "this file is removed when the run finishes. If it is still here, the run was killed or failed: the other "
+        "files may be partial.\n",
+    )
 
 
 def rgbd_init(
@@ -228,6 +251,7 @@ def run_demo(args: Args) -> dict:
     if min(args.width, args.height) < 16:
         raise ValueError(f"--width/--height must be >= 16 pixels (SSIM window), got {args.width}x{args.height}")
     out = _check_out(Path(args.out), args.overwrite)
+    _mark_incomplete(out)
     if args.device == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -332,6 +356,7 @@ def run_demo(args: Args) -> dict:
     }
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     write_text_atomic(out / "config.yaml", yaml.safe_dump(config_to_dict(args), sort_keys=False))
+    (out / INCOMPLETE).unlink()  # last: the folder is complete
     return metrics
 
 
