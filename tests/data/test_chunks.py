@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -223,3 +224,51 @@ def test_config_dataset_multiple_roots(tmp_path):
     write_split(tmp_path / "r3", "train", [[make_example("a", n_views=4, blobs=False)]])
     with pytest.raises(ValueError, match="already in another root"):
         ChunkDataset(ChunkDatasetConfig(roots=[tmp_path / "r1", tmp_path / "r3"]), None)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("images", "int", r"'images'\[0\] must be encoded bytes as a 1-D uint8 tensor, got 2000000000"),
+        ("cameras", torch.int64, r"'cameras' must be a float tensor \[V, 18\].*got torch\.int64"),
+        ("cameras", torch.bool, r"'cameras' must be a float tensor.*got torch\.bool"),
+        ("cameras", torch.complex64, r"'cameras' must be a float tensor.*got torch\.complex64"),
+        ("cameras", "nan", r"'cameras' holds non-finite values"),
+        ("cameras", "zero_focal", r"focal lengths fx, fy must be > 0"),
+        ("cameras", "zero_rotation", r"must be a rotation \(determinant 1\), got determinant 0"),
+    ],
+)
+def test_hostile_records_are_refused_and_skippable(tmp_path, field, value, match):
+    from vision3d.errors import InputError
+
+    bad = make_example("b0", n_views=6, blobs=False)
+    cams = bad["cameras"]
+    if value == "int":
+        bad["images"] = [2_000_000_000] + bad["images"][1:]  # a 2.4 KB chunk asking for a 2 GB buffer
+    elif value == "nan":
+        cams[1, 2] = float("nan")
+    elif value == "zero_focal":
+        cams[0, 0] = 0.0
+    elif value == "zero_rotation":
+        cams[2, 6:] = 0.0
+    else:
+        bad["cameras"] = cams.to(value)
+    d = tmp_path / "train"
+    d.mkdir()
+    torch.save([bad, make_example("g0", n_views=6, blobs=False)], d / "000000.torch")
+    (d / "index.json").write_text('{"b0": "000000.torch", "g0": "000000.torch"}')
+    with pytest.raises(InputError, match=match) as e:
+        read_chunk(d / "000000.torch")
+    assert "000000.torch" in str(e.value)
+    ds = RE10KDataset(tmp_path, "train", BoundedViewSampler(min_gap=2, max_gap=4, warm_up_steps=0), skip_bad=True)
+    assert ds[ds.keys.index("b0")].scene == "g0"  # skip_bad catches it
+
+
+def test_index_chunk_names_stay_in_the_split_folder(tmp_path):
+    from vision3d.errors import InputError
+
+    write_split(tmp_path, "train", [[make_example("a", n_views=4, blobs=False)]])
+    for bad in ("../../etc/passwd", "/etc/passwd"):
+        (tmp_path / "train" / "index.json").write_text(json.dumps({"a": bad}))
+        with pytest.raises(InputError, match=r"index\.json: scene 'a': expected a path inside"):
+            read_index(tmp_path / "train")

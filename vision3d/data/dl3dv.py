@@ -127,7 +127,17 @@ def read_dl3dv_scene(scene_dir: str | os.PathLike, downscale: int = 8, key: str 
     return DL3DVScene(key, d, paths, cams, stamps)
 
 
+MAX_FRAME_BYTES = 256 << 20  # an encoded frame larger than this is refused before it is read
+
+
 def _read_bytes(path: Path) -> Tensor:  # [n] uint8
+    size = path.stat().st_size
+    if size > MAX_FRAME_BYTES:
+        raise BadSceneError(
+            f"{path}: frame file of {size} bytes exceeds {MAX_FRAME_BYTES} bytes (an encoded image that large would "
+            "decode to gigabytes); re-encode it or use a downscaled images_<n> folder",
+            path=path, field="file size", expected=f"at most {MAX_FRAME_BYTES} bytes", got=size,
+        )
     return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
 
 
