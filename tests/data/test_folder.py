@@ -131,3 +131,25 @@ def test_known_cameras_from_colmap_and_exif_mismatch(tmp_path):
     with pytest.raises(ValueError, match=r"b\.jpg.*exif_transpose=False"):
         load_image_folder(tmp_path / "images", cameras=tmp_path / "sparse" / "0", size_policy="crop")
     assert load_image_folder(tmp_path / "images", cameras=tmp_path / "sparse" / "0", exif_transpose=False).images.shape == (3, 3, 30, 40)
+
+
+@pytest.mark.parametrize("side", [9000, 12000])  # over our 64 Mpx limit; 12000^2 also trips Pillow's bomb check
+def test_oversized_images_are_refused_before_decoding(tmp_path, side):
+    from PIL import Image
+
+    from vision3d.data.folder import read_image
+    from vision3d.errors import InputError
+
+    p = tmp_path / "big.png"
+    Image.new("1", (side, side)).save(p)  # a few KB on disk, 3 x side^2 bytes decoded
+    with pytest.raises(InputError, match=r"big\.png: image size"):
+        read_image(p)
+
+
+def test_broken_image_names_the_file(tmp_path):
+    from vision3d.data.folder import read_image
+    from vision3d.errors import InputError
+
+    (tmp_path / "x.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 40)
+    with pytest.raises(InputError, match=r"x\.jpg: file: expected a readable image"):
+        read_image(tmp_path / "x.jpg")
