@@ -42,7 +42,7 @@ def test_colmap_and_transforms_round_trip(tmp_path):
     torch.testing.assert_close(c.cam_to_world, cams.cam_to_world, atol=1e-5, rtol=0)
     out = tmp_path / "tj" / "transforms.json"
     assert main(["export", str(run), "--format", "transforms", "--out", str(out)]) == 0
-    tj = read_transforms_json(out)
+    tj = read_transforms_json(out, root=run)  # the exported paths point back into the run folder
     torch.testing.assert_close(tj.cameras.cam_to_world, cams.cam_to_world, atol=1e-5, rtol=0)
     torch.testing.assert_close(tj.cameras.K, cams.K, atol=1e-4, rtol=0)
     assert [p.name for p in tj.image_paths] == files and all(p.is_file() for p in tj.image_paths)

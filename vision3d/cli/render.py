@@ -128,7 +128,9 @@ def _names(paths, n: int) -> list[str]:
 def _from_transforms(path: Path) -> tuple[Cameras, list[str]]:
     from vision3d.geometry.transforms_json import read_transforms_json
 
-    tj = read_transforms_json(path)
+    # only the cameras and the image names are used (no image is read), so file_path may point anywhere,
+    # e.g. `vision3d export`'s relative paths back into the run folder
+    tj = read_transforms_json(path, root=Path(path).resolve().anchor)
     if tj.distortion is not None and bool((tj.distortion != 0).any()):
         print(f"vision3d render: note: {path} has lens distortion; rendering pinhole views", file=sys.stderr)
     cams = tj.cameras.flatten()

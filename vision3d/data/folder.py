@@ -140,7 +140,9 @@ def _known_cameras(source: str | os.PathLike, where: Path) -> dict[str, Cameras]
     if src.suffix.lower() == ".json" or (src.is_dir() and (src / "transforms.json").is_file()):
         from vision3d.geometry.transforms_json import read_transforms_json
 
-        tj = read_transforms_json(src)
+        # only the names are used: the paths may point anywhere under the folders the user named
+        json_dir = (src if src.is_dir() else src.parent).resolve()
+        tj = read_transforms_json(src, root=os.path.commonpath([json_dir, Path(where).resolve()]))
         for i, p in enumerate(tj.image_paths):
             out[Path(p).name.lower()] = tj.cameras[i : i + 1]
         return out

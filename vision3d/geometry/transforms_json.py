@@ -111,11 +111,15 @@ def _image_size(path: Path, image: Path) -> tuple[int, int]:
         ) from e
 
 
-def _resolve_image(root: Path, file_path: str, path: Path | None = None, where: str = "") -> Path:
-    """``file_path`` resolved against the dataset folder; a path leaving it (``../``, absolute, a link out) is refused."""
+def _resolve_image(root: Path, file_path: str, path: Path | None = None, where: str = "", data_root: Path | None = None) -> Path:
+    """``file_path`` resolved against the json's folder ``root``; refused if it leaves ``data_root`` (default ``root``)."""
     if "\x00" in file_path or not file_path.strip():
         raise InputError(path or root, f"{where}file_path", "a relative image path", file_path)
-    p = inside(root, file_path, f"{where}file_path", path=path)
+    full = Path(file_path) if Path(file_path).is_absolute() else root.resolve() / file_path
+    try:
+        p = inside(data_root if data_root is not None else root, full, f"{where}file_path", path=path)
+    except InputError as e:
+        raise InputError(e.path, e.field, e.expected, file_path) from None
     if p.suffix == "" and not p.exists():
         for ext in (".png", ".jpg", ".jpeg", ".PNG", ".JPG"):
             if p.with_suffix(ext).exists():
@@ -128,6 +132,7 @@ def read_transforms_json(
     downscale: int = 1,
     *,
     dtype: torch.dtype = torch.float32,
+    root: str | os.PathLike | None = None,
 ) -> TransformsJson:
     """Read a ``transforms.json``.
 
@@ -137,6 +142,10 @@ def read_transforms_json(
             ``downscale_factor``), and images are looked up in ``images_<downscale>/`` beside the
             json (nerfstudio's and DL3DV's layout).
         dtype: dtype of the returned cameras and distortion.
+        root: the dataset folder that every ``file_path`` must stay inside (default: the json's
+            folder); a path leaving it (``../../etc/passwd``, ``/etc/passwd``, a link out) is
+            refused. vision3d run folders keep the json in ``cameras/`` with ``../images/...``
+            paths: their readers pass the run folder.
 
     Raises:
         ValueError naming the file and the field on missing or malformed keys, unknown camera
@@ -146,10 +155,10 @@ def read_transforms_json(
     if path.is_dir():
         path = path / "transforms.json"
     with guard(path, "a transforms.json (nerfstudio / NeRF-synthetic layout)"):
-        return _read_transforms_json(path, downscale, dtype)
+        return _read_transforms_json(path, downscale, dtype, Path(root) if root is not None else path.parent)
 
 
-def _read_transforms_json(path: Path, downscale: int, dtype: torch.dtype) -> TransformsJson:
+def _read_transforms_json(path: Path, downscale: int, dtype: torch.dtype, data_root: Path) -> TransformsJson:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -202,7 +211,7 @@ def _read_transforms_json(path: Path, downscale: int, dtype: torch.dtype) -> Tra
             raise ValueError(
                 f"{path}: camera_model '{cam_model}' is not supported; expected one of {sorted(DISTORTION_KEYS)}"
             )
-        image = _resolve_image(root, fr["file_path"], path, where)
+        image = _resolve_image(root, fr["file_path"], path, where, data_root)
         w, h = get("w"), get("h")
         if w is None or h is None:  # NeRF-synthetic: no size keys; all frames share the first image's size
             if first_size is None:
