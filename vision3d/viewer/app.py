@@ -433,7 +433,8 @@ class SceneViewer:
             self.server.scene.set_up_direction(tuple((up / up.norm()).tolist()))
         if frustum_scale is None:
             d = torch.cdist(centres, centres) + torch.eye(len(cams), dtype=torch.float64) * 1e9
-            frustum_scale = 0.5 * float(d.min(-1).values.median()) if len(cams) > 1 else 0.1
+            # small enough that no frustum's photo covers the view from a neighbouring camera
+            frustum_scale = 0.15 * float(d.min(-1).values.median()) if len(cams) > 1 else 0.05
         fov_y = fov_y_of(cams)
         held = set(self.scene.held_out or [])
         photos = self.scene.photos or {}
@@ -537,6 +538,8 @@ class SceneViewer:
             with gui.add_folder("Cameras"):
                 labels = tuple(self._camera_label(i) for i in range(len(self.scene.cameras)))
                 self._gui_camera = gui.add_dropdown("Camera", labels, initial_value=labels[self.start_index])
+                shown = gui.add_checkbox("Show cameras", initial_value=True)
+                shown.on_update(lambda _: [setattr(h, "visible", shown.value) for h in self._frusta.values()])
                 go = gui.add_button("Go to view")
                 go.on_click(lambda event: self.go_to_view(event.client, labels.index(self._gui_camera.value)))
                 self._gui_compare_text = gui.add_markdown("Click a frustum or press Go to view.")
@@ -553,10 +556,12 @@ class SceneViewer:
         m = self.scene.metrics
         rows = []
         test = m.get("test", {}) if isinstance(m.get("test"), dict) else {}
-        for key, label, unit in (("psnr_mean", "held-out PSNR", " dB"), ("ssim_mean", "held-out SSIM", ""),
-                                 ("lpips_mean", "held-out LPIPS", "")):
-            if isinstance(test.get(key), (int, float)):
-                rows.append(f"| {label} | {test[key]:.4g}{unit} |")
+        for key, label, unit in (("psnr", "held-out PSNR", " dB"), ("ssim", "held-out SSIM", ""),
+                                 ("lpips", "held-out LPIPS", "")):
+            # reconstruct writes the means as psnr/ssim/lpips, demo as psnr_mean/... beside per-view lists
+            value = test.get(f"{key}_mean", test.get(key))
+            if isinstance(value, (int, float)):
+                rows.append(f"| {label} | {value:.4g}{unit} |")
         train = m.get("train", {}) if isinstance(m.get("train"), dict) else {}
         if isinstance(train.get("psnr_mean"), (int, float)):
             rows.append(f"| train PSNR | {train['psnr_mean']:.4g} dB |")
@@ -572,8 +577,7 @@ class SceneViewer:
         self.mode = mode
         if self._gui_mode.value != mode:
             self._gui_mode.value = mode
-        if self._splats is not None:
-            self._splats.visible = mode == "splats"
+        self._update_splats()  # removed in the renderer modes (the page background shows our frame)
         for r in list(self._renderers.values()):
             r.shown = None
             r.poke()
@@ -603,10 +607,9 @@ class SceneViewer:
         if self._splats is not None:
             self._splats.remove()
             self._splats = None
-        if self.filtered.num == 0:
+        if self.filtered.num == 0 or self.mode != "splats":
             return
-        self._splats = self.server.scene.add_gaussian_splats("/scene/splats", **splat_arrays(self.filtered),
-                                                            visible=self.mode == "splats")
+        self._splats = self.server.scene.add_gaussian_splats("/scene/splats", **splat_arrays(self.filtered))
 
     def export(self, path: str | Path, format: str | None = None) -> Path:
         """Write the filtered scene with ``vision3d export``'s writers (PLY: INRIA layout; splat: 32-byte records)."""
