@@ -251,3 +251,48 @@ def test_real_browser_draws_switches_and_goes_to_view(tmp_path):
             assert v._gui_compare.visible  # held out: photo | render beside
     finally:
         v.stop()
+
+
+def test_live_viewer_updates_and_pauses_the_fit():
+    pytest.importorskip("viser")
+    import threading
+
+    from vision3d.gaussians.ops import select
+    from vision3d.viewer.app import load_viewer_scene
+    from vision3d.viewer.live import LiveViewer
+
+    run = tiny_run()
+    g = load_viewer_scene(run).gaussians
+    lines = []
+    live = LiveViewer(run, port=0, total_steps=30, every=2, held_out=[0, 4], announce=lines.append, backend="torch")
+    try:
+        live(10, select(g, torch.arange(g.num) < 50), {"loss": 0.5, "psnr": 12.0, "num_gaussians": 50})
+        v = live.viewer
+        assert v is not None and v.filtered.num == 50 and lines and f":{v.port}" in lines[0]
+        assert v.scene.held_out == [0, 4] and sorted(v.scene.photos) == [0, 4]
+        assert "step 10 / 30" in live._text.content and "12.00 dB" in live._text.content
+        live(20, g, {"loss": 0.4, "psnr": 13.0, "num_gaussians": g.num})  # not an update step (every=2)
+        assert v.filtered.num == 50 and "step 20" in live._text.content
+        live(30, g, {"loss": 0.3, "psnr": 14.0, "num_gaussians": g.num})
+        assert v.filtered.num == g.num and live.updates == 1
+        live.pause()
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (live(31, g, {"loss": 0.3, "psnr": 14.0, "num_gaussians": g.num}),
+                                             done.set()), daemon=True)
+        t.start()
+        assert not done.wait(0.6), "a paused viewer let the fit go on"
+        assert "(paused)" in live._text.content and live._pause_button.label == "Resume training"
+        live.pause(False)
+        assert done.wait(5)
+    finally:
+        live.close()
+
+
+def test_reconstruct_view_serves_the_fit(tmp_path, capsys):
+    pytest.importorskip("viser")
+    from tests.poses.helpers import make_photo_folder, run_args
+    from vision3d.cli.main import main
+
+    folder, _ = make_photo_folder(tmp_path, n=5, width=24, height=20, num_points=200)
+    assert main(run_args(folder, tmp_path / "run", 3, "--view", "--view-port", "0")) == 0
+    assert "live viewer at http://127.0.0.1:" in capsys.readouterr().out

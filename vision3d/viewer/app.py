@@ -519,6 +519,8 @@ class SceneViewer:
             self._gui_lo = gui.add_vector3("Crop min", initial_value=tuple(lo.tolist()))
             self._gui_hi = gui.add_vector3("Crop max", initial_value=tuple(hi.tolist()))
             self._gui_count = gui.add_markdown(f"{g.num} of {g.num} Gaussians")
+            self._crop_default = (tuple(self._gui_lo.value), tuple(self._gui_hi.value))
+            self._quiet = False
             for h in (self._gui_opacity, self._gui_scale, self._gui_lo, self._gui_hi):
                 h.on_update(lambda _: self._apply_filter())
         with gui.add_folder("Export", expand_by_default=False):
@@ -600,7 +602,28 @@ class SceneViewer:
             r.poke()
         return self.filtered.num
 
+    def set_gaussians(self, g: Gaussians) -> int:
+        """Show a new scene (a live fit's latest Gaussians) through the current filters; returns the count kept."""
+        with self._lock:
+            self._full = g.to(self._full.device)
+        # thresholds left at their defaults (the whole scene) follow the new scene's extent
+        self._quiet = True
+        try:
+            if (tuple(self._gui_lo.value), tuple(self._gui_hi.value)) == self._crop_default:
+                lo, hi = (tuple(x.cpu().tolist()) for x in self._bounds())
+                self._gui_lo.value, self._gui_hi.value = lo, hi
+                self._crop_default = (tuple(self._gui_lo.value), tuple(self._gui_hi.value))
+            if self._gui_scale.value >= self._gui_scale.max:
+                smax = max(float(g.scales.amax(-1).max()), 1e-6)
+                self._gui_scale.max, self._gui_scale.step = smax, smax / 200
+                self._gui_scale.value = smax
+        finally:
+            self._quiet = False
+        return self.set_filter(self._gui_opacity.value, self._gui_scale.value, self._gui_lo.value, self._gui_hi.value)
+
     def _apply_filter(self) -> None:
+        if self._quiet:
+            return
         self.set_filter(self._gui_opacity.value, self._gui_scale.value, self._gui_lo.value, self._gui_hi.value)
 
     def _update_splats(self) -> None:
