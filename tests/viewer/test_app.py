@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 import urllib.request
@@ -211,7 +212,7 @@ def _settled(browser, timeout=30.0):
     return prev
 
 
-def test_real_browser_draws_switches_and_goes_to_view(tmp_path):
+def test_real_browser_draws_switches_and_goes_to_view(tmp_path, recwarn, caplog):
     """Headless Chromium loads the page over DevTools; the splats, a mode switch and go-to-view all show."""
     pytest.importorskip("viser")
     pytest.importorskip("websockets")
@@ -249,6 +250,65 @@ def test_real_browser_draws_switches_and_goes_to_view(tmp_path):
             moved = _settled(b)
             assert np.abs(moved[area].astype(int) - depth[area]).mean() > 3
             assert v._gui_compare.visible  # held out: photo | render beside
+            # close the tab while a large render is in flight: no warning, no error, the render thread ends
+            v.set_mode("rgb")
+            v._gui_width.value = 1280
+            n = v.renders
+            assert _wait(lambda: v.renders > n, step=0.02)  # the preview went out; the full frame is rendering
+            b.close()
+        assert _wait(lambda: not any(t.is_alive() for t in v._threads), timeout=120)
+    finally:
+        v.stop()
+    assert not [w for w in recwarn if "closed connection" in str(w.message)]
+    assert not [r for r in caplog.records if r.name.startswith("vision3d") and r.levelno >= logging.WARNING]
+
+
+class _FakeCamera:
+    def __init__(self):
+        self.wxyz, self.position, self.fov, self.aspect = np.array([1.0, 0, 0, 0]), np.zeros(3), 1.0, 4 / 3
+        self.callbacks = []
+
+    def on_update(self, cb):
+        self.callbacks.append(cb)
+
+
+class _FakeClient:
+    """The part of viser's ClientHandle the viewer uses, recording the frames it is sent."""
+
+    client_id = 12345
+
+    def __init__(self):
+        self.camera, self.frames = _FakeCamera(), []
+        self.scene = self
+
+    def set_background_image(self, img, format="jpeg"):
+        self.frames.append(None if img is None else img.shape)
+
+    def atomic(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def test_preview_while_moving_full_width_at_rest():
+    pytest.importorskip("viser")
+    from vision3d.viewer.app import SceneViewer, load_viewer_scene
+
+    s = load_viewer_scene(tiny_run())
+    v = SceneViewer(s, port=0, render_width=96, preview_width=32, settle_s=0.4, mode="rgb", backend="torch")
+    c = _FakeClient()
+    try:
+        v._on_connect(c)
+        np.testing.assert_allclose(c.camera.position, s.cameras.centers[1].numpy(), atol=1e-6)  # the start view
+        for k in range(10):  # the camera moves every 50 ms
+            c.camera.position = c.camera.position + 0.01
+            c.camera.callbacks[0](c.camera)
+            time.sleep(0.05)
+        assert _wait(lambda: c.frames and c.frames[-1] == (72, 96, 3), timeout=30)  # at rest: full width
+        moving = [f for f in c.frames[:-1] if f is not None]
+        assert moving and all(f == (24, 32, 3) for f in moving)
+        v.set_mode("splats")
+        assert _wait(lambda: c.frames[-1] is None, timeout=10)  # the browser's splats, no background frame
     finally:
         v.stop()
 

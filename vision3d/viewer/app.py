@@ -354,7 +354,9 @@ class SceneViewer:
         self.mode = mode
         self.renders = 0
         self.last_frames: dict[int, np.ndarray] = {}  # client id -> the last frame sent by our renderer
-        self._renderers: dict[int, _ClientRenderer] = {}
+        self._renderers: dict[int, _ClientRenderer] = {}  # connected clients
+        self._threads: list[_ClientRenderer] = []  # every render thread started, joined by stop()
+        self._gone: set[int] = set()  # ids of disconnected clients
         self._lock = threading.Lock()
         self.host = host
         want = check_port(host, port)
@@ -391,11 +393,15 @@ class SceneViewer:
     def urls(self) -> list[str]:
         return reachable_urls(self.host, self.port)
 
-    def stop(self) -> None:
-        for r in list(self._renderers.values()):
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop serving; waits for renders in flight (a thread left inside torch at exit aborts the process)."""
+        for r in self._threads:
             r.stopped = True
             r.wake.set()
         self.server.stop()
+        t0 = time.monotonic()
+        for r in self._threads:
+            r.join(max(0.0, timeout - (time.monotonic() - t0)))
 
     # ------------------------------------------------------------------ cameras
     def camera_view(self, i: int) -> dict:
@@ -664,11 +670,13 @@ class SceneViewer:
                 client.camera.position = v["position"]
         r = _ClientRenderer(self, client)
         self._renderers[client.client_id] = r
+        self._threads = [t for t in self._threads if t.is_alive()] + [r]
         client.camera.on_update(lambda _cam: r.poke())
         r.start()
         r.poke()
 
     def _on_disconnect(self, client) -> None:
+        self._gone.add(client.client_id)
         r = self._renderers.pop(client.client_id, None)
         if r is not None:
             r.stopped = True
@@ -687,6 +695,8 @@ class SceneViewer:
         else:
             img = render_view(g, camera_from_pose(cam.wxyz, cam.position, float(cam.fov), w, h), self.mode,
                               backend=self.backend)
+        if client.client_id in self._gone:  # the tab closed during the render: nobody to send it to
+            return img
         client.scene.set_background_image(img, format="jpeg" if self.mode != "alpha" else "png")
         self.renders += 1
         self.last_frames[client.client_id] = img
