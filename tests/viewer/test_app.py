@@ -356,3 +356,16 @@ def test_reconstruct_view_serves_the_fit(tmp_path, capsys):
     folder, _ = make_photo_folder(tmp_path, n=5, width=24, height=20, num_points=200)
     assert main(run_args(folder, tmp_path / "run", 3, "--view", "--view-port", "0")) == 0
     assert "live viewer at http://127.0.0.1:" in capsys.readouterr().out
+
+
+def test_view_cli_prints_reachable_urls_and_network_warning(capsys):
+    pytest.importorskip("viser")
+    from vision3d.cli.main import main
+
+    assert main(["view", str(tiny_run()), "--port", "0", "--seconds", "0", "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert "renderer on cpu" in out.out and "http://127.0.0.1:" in out.out and "warning" not in out.err
+    assert main(["view", str(tiny_run()), "--host", "0.0.0.0", "--port", "0", "--seconds", "0"]) == 0
+    out = capsys.readouterr()
+    assert "http://0.0.0.0" not in out.out and "http://127.0.0.1:" in out.out
+    assert "serves the scene to the network" in out.err
