@@ -369,3 +369,18 @@ def test_view_cli_prints_reachable_urls_and_network_warning(capsys):
     out = capsys.readouterr()
     assert "http://0.0.0.0" not in out.out and "http://127.0.0.1:" in out.out
     assert "serves the scene to the network" in out.err
+
+
+def test_bare_ply_starts_outside_the_scene_looking_at_it():
+    pytest.importorskip("viser")
+    from vision3d.viewer.app import SceneViewer, load_viewer_scene
+
+    s = load_viewer_scene(tiny_run() / "scene.ply")
+    v = SceneViewer(s, port=0)
+    try:
+        lo, hi = s.gaussians.means.min(0).values.numpy(), s.gaussians.means.max(0).values.numpy()
+        ic = v.server.initial_camera
+        assert v.start_index is None and ((ic.look_at >= lo) & (ic.look_at <= hi)).all()
+        assert np.linalg.norm(ic.position - ic.look_at) > 0.5 * np.linalg.norm(hi - lo) * 0.5
+    finally:
+        v.stop()

@@ -18,7 +18,8 @@ kept; both drawing modes show the filtered scene), export of the filtered scene 
 (the writers of ``vision3d export``), the run's ``metrics.json``, and the camera list: "go to view"
 (or a click on a frustum) gives the browser camera that camera's pose and field of view; a held-out
 camera shows its photo, our render and their PSNR side by side. The page opens at the first
-training camera, with its field of view, and viser's "Reset View" returns there.
+training camera, with its field of view, and viser's "Reset View" returns there (a bare PLY: outside
+the bulk of the scene, looking at its centre). :mod:`vision3d.viewer.live` serves a scene being fitted.
 
 viser's client camera is OpenCV-like (``+z`` forward, ``+y`` down) with a vertical field of view,
 so poses go into :class:`~vision3d.geometry.Cameras` unchanged. Serving binds ``127.0.0.1`` unless
@@ -379,6 +380,13 @@ class SceneViewer:
             self.start_index = start_camera if start_camera is not None else (train[0] if train else 0)
             self._add_cameras(frustum_scale)
             self._set_initial_camera(self.start_index)
+        else:  # a bare PLY: look at the bulk of the scene from outside it
+            from vision3d.gaussians.ops import scene_bounds
+
+            lo, hi = (x.double().cpu() for x in scene_bounds(g, quantile=0.95))
+            centre, size = (lo + hi) / 2, float((hi - lo).norm().clamp_min(1e-3))
+            self.server.initial_camera.look_at = centre.numpy()
+            self.server.initial_camera.position = (centre + size * torch.tensor([1.0, 1.0, 1.0]) / 3**0.5).numpy()
         self._build_panel()
         self._update_splats()
         self.server.on_client_connect(self._on_connect)
