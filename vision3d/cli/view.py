@@ -67,7 +67,7 @@ def _device(name: str):
 
 def run(args: Args) -> int:
     from vision3d.utils.optional import MissingDependencyError
-    from vision3d.viewer.app import SceneViewer, _is_loopback, load_viewer_scene
+    from vision3d.viewer.app import SceneViewer, is_loopback, load_viewer_scene
 
     try:
         dev = _device(args.device)
@@ -86,7 +86,7 @@ def run(args: Args) -> int:
     print(f"vision3d view: {scene.gaussians.num} Gaussians (renderer on {dev}) at {urls[0]} (Ctrl-C to stop)")
     for u in urls[1:]:
         print(f"vision3d view: also at {u}")
-    if not _is_loopback(args.host):
+    if not is_loopback(args.host):
         print(f"vision3d view: warning: --host {args.host} serves the scene to the network, without authentication",
               file=sys.stderr)
     try:

@@ -60,6 +60,7 @@ __all__ = [
     "colorize_depth",
     "check_port",
     "reachable_urls",
+    "is_loopback",
     "SceneViewer",
 ]
 
@@ -219,7 +220,7 @@ def filter_mask(
     return keep
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -246,7 +247,7 @@ def check_port(host: str, port: int) -> int:
 def reachable_urls(host: str, port: int) -> list[str]:
     """The URLs a browser can open: ``http://127.0.0.1:port`` for loopback, the machine's addresses for a
     wildcard host (``0.0.0.0``), else the host itself."""
-    if _is_loopback(host):
+    if is_loopback(host):
         return [f"http://{host}:{port}"]
     if host not in ("0.0.0.0", "::", ""):
         return [f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"]
