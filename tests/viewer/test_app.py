@@ -384,3 +384,16 @@ def test_bare_ply_starts_outside_the_scene_looking_at_it():
         assert np.linalg.norm(ic.position - ic.look_at) > 0.5 * np.linalg.norm(hi - lo) * 0.5
     finally:
         v.stop()
+
+
+def test_bad_start_camera_and_mode_are_errors_and_free_the_port():
+    pytest.importorskip("viser")
+    from vision3d.viewer.app import SceneViewer, check_port, load_viewer_scene
+
+    s = load_viewer_scene(tiny_run())
+    port = check_port("127.0.0.1", 0)
+    with pytest.raises(ValueError, match="start_camera 99: expected 0..7"):
+        SceneViewer(s, port=port, start_camera=99)
+    assert check_port("127.0.0.1", port) == port  # the failed viewer left nothing serving
+    with pytest.raises(ValueError, match="mode 'normals'"):
+        SceneViewer(s, port=0, mode="normals")

@@ -368,6 +368,13 @@ class SceneViewer:
             self.server.stop()
             raise OSError(f"port {want} on {host} became busy while starting (viser moved to {got}); retry, or "
                           "use --port 0")
+        try:
+            self._setup(scene, frustum_scale, start_camera)
+        except BaseException:  # nothing left serving half a page
+            self.server.stop()
+            raise
+
+    def _setup(self, scene: ViewerScene, frustum_scale: float | None, start_camera: int | None) -> None:
         self.server.gui.configure_theme(control_width="medium")
         g = scene.gaussians
         self._full = g
@@ -378,6 +385,8 @@ class SceneViewer:
         self.start_index = None
         if scene.cameras is not None:
             train = [i for i in range(len(scene.cameras)) if i not in set(scene.held_out or [])]
+            if start_camera is not None and not 0 <= start_camera < len(scene.cameras):
+                raise ValueError(f"start_camera {start_camera}: expected 0..{len(scene.cameras) - 1} (the run's cameras)")
             self.start_index = start_camera if start_camera is not None else (train[0] if train else 0)
             self._add_cameras(frustum_scale)
             self._set_initial_camera(self.start_index)
