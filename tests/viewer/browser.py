@@ -35,7 +35,8 @@ class Chromium:
         self.profile.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [exe, "--headless=new", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-             "--ignore-gpu-blocklist", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--ignore-gpu-blocklist", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync",
              "--no-first-run", "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
              f"--user-data-dir={self.profile}", f"--window-size={self.size[0]},{self.size[1]}",
              "--remote-debugging-port=0", "about:blank"],

@@ -87,7 +87,6 @@ def test_view_cli_errors_and_missing_viser(tmp_path, capsys, monkeypatch):
 
 
 def test_splat_arrays_and_filters(tmp_path):
-    from vision3d.gaussians.ply import load_ply, load_splat
     from vision3d.viewer.app import filter_mask, load_viewer_scene, splat_arrays
 
     g = load_viewer_scene(tiny_run()).gaussians

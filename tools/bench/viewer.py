@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     scene = procedural_scene(seed=0, density=args.density)
     g = scene.gaussians.to(args.device)
     cam = hemisphere_cameras(1, scene.target, (2.5, 2.5), (30.0, 30.0), 640, 480, 55.0)
-    q, c, fov = matrix_to_quat(cam.rotation[0].double()).numpy(), cam.centers[0].double().numpy(), float(fov_y_of(cam)[0])
+    q, c = matrix_to_quat(cam.rotation[0].double()).numpy(), cam.centers[0].double().numpy()
+    fov = float(fov_y_of(cam)[0])
     backend = "gsplat" if args.device.startswith("cuda") else "torch"
     rows = []
     widths = sorted(set(args.widths) | {320})

@@ -386,7 +386,8 @@ class SceneViewer:
         if scene.cameras is not None:
             train = [i for i in range(len(scene.cameras)) if i not in set(scene.held_out or [])]
             if start_camera is not None and not 0 <= start_camera < len(scene.cameras):
-                raise ValueError(f"start_camera {start_camera}: expected 0..{len(scene.cameras) - 1} (the run's cameras)")
+                raise ValueError(f"start_camera {start_camera}: expected 0..{len(scene.cameras) - 1} "
+                                 "(the run's cameras)")
             self.start_index = start_camera if start_camera is not None else (train[0] if train else 0)
             self._add_cameras(frustum_scale)
             self._set_initial_camera(self.start_index)
@@ -423,8 +424,8 @@ class SceneViewer:
 
     # ------------------------------------------------------------------ cameras
     def camera_view(self, i: int) -> dict:
-        """Pose of run camera ``i`` for viser: ``wxyz``, ``position``, ``look_at``, ``up`` (world) and ``fov`` (vertical,
-        radians)."""
+        """Pose of run camera ``i`` for viser: ``wxyz``, ``position``, ``look_at``, ``up`` (world) and ``fov``
+        (vertical, radians)."""
         from vision3d.geometry.rotations import matrix_to_quat
 
         cams = self.scene.cameras
