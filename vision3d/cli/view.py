@@ -10,7 +10,8 @@ Examples::
 The page draws the Gaussians in the browser (viser's splats) or with vision3d's renderer (rgb, depth,
 alpha), the run's cameras as frusta (held-out ones in orange, with their photos; click one to jump to
 its view), and a vision3d panel with filters, a crop box, export and the run's metrics. It opens at
-the first training camera. See :mod:`vision3d.viewer.app`.
+the first training camera. ``vision3d reconstruct --view`` serves a scene while it is fitted. See
+:mod:`vision3d.viewer.app`.
 """
 
 from __future__ import annotations
