@@ -127,6 +127,12 @@ class TrainConfig:
     """Registered reconstructor name (vision3d.recon.list_models())."""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     """Constructor overrides for the model (set them in a preset)."""
+    init_weights: str | None = None
+    """Start from these weights: a ``.safetensors`` file in our layout (``vision3d convert vggt model.pt
+    out.safetensors``), a checkpoint folder or a run folder (fine-tuning); not used when resuming."""
+    init_missing_ok: tuple[str, ...] = ()
+    """Key prefixes that may be absent from ``init_weights`` and stay at their initialisation (e.g.
+    ``point_head.`` for a FlashVGGT checkpoint, which has no point head)."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -49,6 +49,37 @@ def build_model(cfg: TrainConfig) -> recon.Reconstructor:
     return model
 
 
+def load_init_weights(model: nn.Module, path: str, missing_ok=()) -> None:
+    """Load fine-tuning weights (``.safetensors``, checkpoint folder or run folder) into ``model``.
+
+    Every key must fit except model keys under a ``missing_ok`` prefix, which may be absent.
+    """
+    from vision3d.utils.state import state_dict_differences
+
+    from .checkpoint import load_weights
+
+    p = Path(path)
+    if p.is_dir() and (p / "ckpts").is_dir():
+        step_dir = latest_checkpoint(p)
+        if step_dir is None:
+            raise FileNotFoundError(f"{p}: init_weights run folder has no complete checkpoint under ckpts/")
+        p = step_dir
+    if p.is_dir():
+        weights = load_checkpoint(p)[0]
+    elif p.suffix == ".safetensors" and p.is_file():
+        weights = load_weights(p)
+    else:
+        raise FileNotFoundError(f"{p}: init_weights must be an existing .safetensors file, checkpoint folder or run "
+                                "folder (convert the authors' checkpoint first: vision3d convert --list)")
+    own = model.state_dict()
+    parts = state_dict_differences(own, weights, skip=tuple(missing_ok))
+    extra = [k for k in weights if k not in own]
+    parts += [f"{len(extra)} unexpected key(s), e.g. {extra[:3]}"] if extra and missing_ok else []
+    if parts:
+        raise ValueError(f"{p}: init_weights do not fit {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(weights, strict=False)
+
+
 Loss = RenderObjective  # the Gaussian-rendering objective under its historical name
 
 
@@ -176,6 +207,10 @@ def train(cfg: TrainConfig, dataset=None, max_steps: int | None = None) -> Train
     device = info.device
 
     model = build_model(cfg).to(device)
+    if cfg.init_weights and resume_from is None:
+        load_init_weights(model, cfg.init_weights, cfg.init_missing_ok)
+        if info.is_main:
+            log.info("initialised %s from %s", cfg.model, cfg.init_weights)
     base = model
     frozen = sorted(set(loss_fn.prepare(base)) | set(freeze_parameters(base, cfg.freeze)))
     if frozen and info.is_main:
