@@ -67,6 +67,9 @@ def camera_errors(
 def pose_auc(rre: Tensor, rte: Tensor, max_threshold: int = 30) -> float:
     """AUC@max_threshold: mean over t = 1..max_threshold degrees of the fraction of pairs with
     ``max(RRE, RTE) < t`` (PoseDiffusion's histogram definition, as VGGT reports it)."""
+    if rre.shape != rte.shape:
+        raise ValueError(f"pose_auc: rotation errors {tuple(rre.shape)} and translation errors {tuple(rte.shape)} "
+                         "differ; expected one error per pair in each")
     err = torch.maximum(rre.flatten(), rte.flatten())
     if err.numel() == 0:
         raise ValueError("pose_auc: no view pairs (every scene needs at least 2 views)")
