@@ -58,6 +58,13 @@ def test_tiny_vggt_learns_cameras_and_depth(tmp_path):
     assert after["abs_rel"] <= ABSREL_FACTOR * before["abs_rel"], (before, after)
     hist = json.loads((tmp_path / "run" / "metrics.json").read_text())["train"]
     assert hist[-1]["step"] == STEPS and hist[-1]["loss_camera"] < hist[0]["loss_camera"]
+    # `vision3d eval` on the run folder picks the geometry protocol from the recipe and agrees
+    from vision3d.cli.eval import Args, run
+
+    assert run(Args(ckpt=str(tmp_path / "run"), index=str(root / "index.json"), root=str(root), device="cpu",
+                    out=str(tmp_path / "cli_eval"))) == 0
+    cli = json.loads((tmp_path / "cli_eval" / "metrics.json").read_text())
+    assert abs(cli["auc30"] - after["auc30"]) < 1e-6 and abs(cli["abs_rel"] - after["abs_rel"]) < 1e-6
 
 
 class DepthViewsDataset(RandomViewsDataset):

@@ -36,7 +36,7 @@ from vision3d.utils.io import write_text_atomic
 from .checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from .config import TrainConfig, diff_configs, dump_config, load_config
 from .distributed import DistInfo, init_distributed, rng_state, seed_everything, set_rng_state
-from .objectives import Objective, RenderObjective, TrainRecipe, recipe_for, render_kwargs, render_views  # noqa: F401
+from .objectives import Objective, RenderObjective, recipe_for, render_kwargs, render_views  # noqa: F401 (re-exported)
 
 log = logging.getLogger("vision3d.train")
 
