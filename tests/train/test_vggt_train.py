@@ -27,8 +27,7 @@ AUC_MARGIN = 0.10  # asserted gain of held-out AUC@30 (untrained: 0.0; after 150
 ABSREL_FACTOR = 0.6  # asserted: held-out AbsRel at most this fraction of the untrained model's
 
 
-def test_tiny_vggt_learns_cameras_and_depth(tmp_path):
-    torch.set_num_threads(2)
+def test_tiny_vggt_learns_cameras_and_depth(tmp_path, one_thread):
     root = tmp_path / "syn"
     kw = dict(num_views=VIEWS, width=SIZE, height=SIZE, density=0.1)
     write_synthetic_dataset(root, "train", num_scenes=12, seed=1, **kw)
@@ -117,3 +116,32 @@ def test_vggt_resume_after_kill_matches_uninterrupted(tmp_path):
     assert resumed.step == 12
     for (n, a), (_, b) in zip(ref.model.state_dict().items(), resumed.model.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{n} differs after resuming at step {killed_at}")
+
+
+def _ddp_worker(rank, world, port, tmp):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # camera-only (depth/point heads skipped and frozen) and depth+points: DDP must see every trainable
+    # parameter get a gradient, or it stops with "parameters that were not used in producing loss"
+    for name, loss in (("camera", LossConfig(depth=0.0, point=0.0)), ("full", LossConfig(depth=1.0, point=1.0))):
+        cfg = _cfg(tmp / name, loss=loss, optim=OptimConfig(max_steps=2, warmup_steps=0))
+        train(cfg, _data())
+    dist.destroy_process_group()
+
+
+def test_vggt_trains_under_ddp(tmp_path):
+    import socket
+
+    from vision3d.train.checkpoint import load_checkpoint
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, tmp_path), nprocs=2, join=True)
+    for name in ("camera", "full"):
+        _, state, _ = load_checkpoint(latest_checkpoint(tmp_path / name))
+        assert state["world_size"] == 2 and len(state["sampler"]) == 2

@@ -172,7 +172,6 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, init_values)
-
         self.grad_checkpointing = False  # recompute this block in the backward pass (training only)
 
     def forward(self, x: Tensor, pos: Tensor | None = None, **attn_kwargs) -> Tensor:  # [B, N, C]
