@@ -575,7 +575,8 @@ for _pattern in ("vggt_*", "flashvggt_*"):
     register_recipe(_pattern, VGGT_RECIPE)
 refuse_training(
     "dimer*",
-    "DiMeR is supervised through rendered meshes and normal maps, which needs a differentiable mesh "
-    "rasterizer (nvdiffrast: not on the Python package index, it is built from github.com/NVlabs/nvdiffrast "
-    "against a local CUDA toolkit) and normal-map supervision in the data; neither is part of vision3d",
+    "DiMeR's training renders its FlexiCubes mesh with a differentiable mesh rasterizer to compare "
+    "normals, depth and masks with ground truth (the authors use nvdiffrast: not on the Python package "
+    "index, built from github.com/NVlabs/nvdiffrast against a local CUDA toolkit), and it takes normal "
+    "maps of rendered objects as input, which RE10K/DL3DV-format data does not carry; neither is part of vision3d",
 )
