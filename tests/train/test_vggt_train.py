@@ -11,6 +11,7 @@ import signal
 import time
 from dataclasses import replace
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -145,3 +146,37 @@ def test_vggt_trains_under_ddp(tmp_path):
     for name in ("camera", "full"):
         _, state, _ = load_checkpoint(latest_checkpoint(tmp_path / name))
         assert state["world_size"] == 2 and len(state["sampler"]) == 2
+
+
+def test_train_command_fine_tunes_vggt_from_init_weights(tmp_path, capsys, one_thread):
+    """`vision3d train` end to end: a preset-style VGGT run (frozen aggregator, init weights, camera
+    loss only) on synthetic chunks; the aggregator keeps its initial weights exactly."""
+    from vision3d.cli.train import main
+    from vision3d.train.checkpoint import load_checkpoint, save_weights
+
+    root = tmp_path / "syn"
+    write_synthetic_dataset(root, "train", num_scenes=2, num_views=8, width=28, height=28, density=0.1)
+    torch.manual_seed(5)
+    init = build_model(TrainConfig(model="flashvggt_tiny")).state_dict()
+    save_weights(tmp_path / "init.safetensors", {k: v for k, v in init.items() if not k.startswith("point_head.")})
+    args = ["--model", "flashvggt_tiny", "--out", str(tmp_path / "run"), "--device", "cpu", "--no-progress",
+            "--init-weights", str(tmp_path / "init.safetensors"), "--init-missing-ok", "point_head.",
+            "--freeze", "aggregator.*", "--loss.depth", "0", "--loss.point", "0",
+            "--data.root", str(root), "--data.image-shape", "28", "28", "--data.num-context", "3",
+            "--data.num-target", "1", "--data.min-gap", "2", "--data.max-gap", "5", "--data.gap-warmup-steps", "0",
+            "--data.batch-size", "2", "--data.num-workers", "0", "--optim.max-steps", "3", "--optim.warmup-steps", "0",
+            "--log-every", "1"]
+    assert main(args) == 0
+    assert "objective" in capsys.readouterr().out
+    weights, _, _ = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    for k, v in init.items():
+        if k.startswith("aggregator."):
+            torch.testing.assert_close(weights[k], v, rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(weights[k], v) for k, v in init.items() if k.startswith("camera_head."))
+    # a missing depth head in the init weights is an error naming the keys
+    save_weights(tmp_path / "bad.safetensors", {k: v for k, v in init.items() if not k.startswith("depth_head.")})
+    bad = args[:]
+    bad[bad.index(str(tmp_path / "init.safetensors"))] = str(tmp_path / "bad.safetensors")
+    bad[bad.index(str(tmp_path / "run"))] = str(tmp_path / "run2")
+    with pytest.raises(ValueError, match="missing key.*depth_head"):
+        main(bad)
