@@ -16,6 +16,7 @@ from vision3d.recon.flashvggt import (
     FlashVGGT,
     convert_flashvggt_checkpoint,
     flashvggt_tiny,
+    kmeans_centres,
     select_keyframes,
 )
 from vision3d.recon.vggt import Attention, convert_vggt_checkpoint
@@ -140,6 +141,99 @@ def test_keyframes():
     assert set(kf[0, 1:].tolist()) & {0, 1, 2, 3} and set(kf[0, 1:].tolist()) & {4, 5, 6, 7}
     assert select_keyframes(feats, every=0).tolist() == [[0]]
     assert select_keyframes(feats, every=5).tolist() == [[0]]
+
+
+def _torch_kmeans():
+    pytest.importorskip("torch_kmeans", reason="torch-kmeans (the authors' k-means, in [dev]) not installed")
+    import contextlib
+    import io
+
+    from torch_kmeans import KMeans
+
+    def centres(x, k):  # the authors' call: KMeans(n_clusters=k, random_state=42)(x).centers
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints "Full batch converged ..."
+            return KMeans(n_clusters=k, random_state=42)(x).centers
+
+    return centres
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch_kmeans uses torch.jit.script
+@pytest.mark.parametrize("b,n,d,k,dtype", [(1, 6, 8, 3, torch.float32), (2, 30, 64, 6, torch.float32),
+                                           (3, 40, 5, 4, torch.float64), (1, 200, 16, 2, torch.float32)])
+def test_kmeans_matches_torch_kmeans(b, n, d, k, dtype):
+    ref = _torch_kmeans()
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randn(b, n, d, generator=g, dtype=dtype)
+    x[:, n // 2:] += 0.5
+    assert torch.equal(kmeans_centres(x, k), ref(x, k))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_kmeans_empty_clusters_match_torch_kmeans():
+    ref = _torch_kmeans()
+    x = torch.zeros(2, 8, 3)
+    x[:, 5:] = 1.0  # two distinct points only: with 4 clusters some restarts leave clusters empty
+    x[1, 7] = 2.0
+    assert torch.equal(kmeans_centres(x, 4), ref(x, 4))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("b,s,every", [(1, 6, 2), (2, 9, 3), (1, 25, 5)])
+def test_keyframes_match_authors_selection(b, s, every):
+    ref = _torch_kmeans()
+    tokens = torch.randn(b, s, 7, 16, generator=torch.Generator().manual_seed(s))
+    mean = tokens.mean(2)
+    nearest = torch.cdist(mean, ref(mean, s // every)).argmin(1)
+    want = torch.cat([torch.zeros(b, 1, dtype=torch.long), nearest], 1)
+    assert torch.equal(select_keyframes(tokens, every), want)
+
+
+def test_keyframes_six_frames_every_two_pinned():
+    # the issue's case, pinned without the package: torch_kmeans' seed-123 restarts on the CPU
+    tokens = torch.randn(1, 6, 5, 8, generator=torch.Generator().manual_seed(0))
+    kf = select_keyframes(tokens, 2)
+    assert kf.shape == (1, 4) and kf[0, 0] == 0
+    mean = tokens.mean(2)
+    c = kmeans_centres(mean, 3)
+    # each chosen frame is the one nearest to its centre, and the centres are cluster means
+    assert torch.equal(kf[0, 1:], torch.cdist(mean, c).argmin(1)[0])
+    labels = torch.cdist(mean, c).argmin(-1)[0]
+    for j in range(3):
+        if (labels == j).any():
+            torch.testing.assert_close(c[0, j], mean[0, labels == j].mean(0))
+    with pytest.raises(ValueError, match="keyframe_every=1"):
+        select_keyframes(tokens, 1)
+    with pytest.raises(ValueError, match="keyframe_every"):
+        flashvggt_tiny(keyframe_every=-1)
+
+
+def test_memory_drop_rate(fixture):
+    _, sd = fixture
+    images = torch.rand(1, 4, 3, 28, 42)  # 2x3 patch grid -> 1x1 descriptors at kv_downfactor 2
+    with pytest.raises(ValueError, match="memory_drop_rate"):
+        flashvggt_tiny(memory_drop_rate=0)
+    m = _model(sd, memory_drop_rate=2)
+    agg = m.aggregator
+    per_frame = agg.patch_start + 1
+    caches = [dict() for _ in range(m.cfg.depth)]
+    with torch.no_grad():
+        c0 = agg.forward_chunk(images, caches, first=True)
+        assert caches[0]["k"].shape[2] == 2 * 3 + 2 * per_frame  # reference + frames 0 and 2 of the chunk
+        agg.forward_chunk(images[:, 1:], caches, first=False)  # a 3-frame chunk keeps its frames 0 and 2
+        assert caches[-1]["k"].shape[2] == 2 * 3 + 4 * per_frame
+        # a dropped frame (1) feeds no descriptor: changing it leaves every other frame as it was
+        other = images.clone()
+        other[:, 1] = torch.rand(3, 28, 42)
+        c0b = agg.forward_chunk(other, [dict() for _ in range(m.cfg.depth)], first=True)
+        keep = [0, 2, 3]
+        torch.testing.assert_close(c0b[-1][:, keep], c0[-1][:, keep], atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(c0b[-1][:, 1], c0[-1][:, 1], atol=1e-4)
+        full = _model(sd).aggregator.forward_chunk(other, [dict() for _ in range(m.cfg.depth)], first=True)
+        c0_full = _model(sd).aggregator.forward_chunk(images, [dict() for _ in range(m.cfg.depth)], first=True)
+    assert not torch.allclose(full[-1][:, keep], c0_full[-1][:, keep], atol=1e-5)  # without dropping it would
+    # the one-shot path has no memory to drop: unchanged
+    with torch.no_grad():
+        torch.testing.assert_close(m.predict(images)["depth"], _model(sd).predict(images)["depth"])
 
 
 def test_keyframes_change_one_shot_output(fixture):
