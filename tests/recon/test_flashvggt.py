@@ -157,6 +157,35 @@ def _torch_kmeans():
     return centres
 
 
+def test_parity_with_authors_keyframes():
+    """tests/fixtures/vggt/flashvggt_keyframes.*: the authors' aggregator with keyframe_every=2 on two
+    6-frame sequences, so their torch_kmeans key-frame selection runs (4 key frames per sequence)."""
+    fix = FIX.with_name("flashvggt_keyframes.safetensors")
+    meta = json.loads(fix.with_suffix(".json").read_text())
+    t = load_file(str(fix))
+    cfg = meta["upstream"]["constructor"]["aggregator"]
+    m = flashvggt_tiny(kv_downfactor=cfg["kv_downfactor"], keyframe_every=cfg["keyframe_every"]).eval()
+    state = {k[6:]: v for k, v in t.items() if k.startswith("state/")}
+    missing, unexpected = m.load_state_dict(convert_flashvggt_checkpoint(state), strict=False)
+    assert not unexpected and all(k.startswith("point_head.") for k in missing)
+    tol = meta["tolerance"]
+    with torch.no_grad():
+        tokens, _ = m.aggregator.embed(t["in/images"])
+        assert torch.equal(select_keyframes(tokens, cfg["keyframe_every"]), t["out/keyframes"])
+        out = m.aggregator(t["in/images"])
+    for i, x in enumerate(out):
+        torch.testing.assert_close(x, t[f"out/aggregated_tokens.{i}"], atol=tol["atol"], rtol=tol["rtol"])
+
+
+def test_no_keyframes_without_downsampling(fixture):
+    _, sd = fixture  # kv_downfactor 1: the authors' attention is dense and ignores key frames
+    images = torch.rand(1, 4, 3, 28, 28)
+    with torch.no_grad():
+        a = _model(sd, kv_downfactor=1, keyframe_every=2).aggregator(images)[-1]
+        b = _model(sd, kv_downfactor=1, use_reference=False).aggregator(images)[-1]
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch_kmeans uses torch.jit.script
 @pytest.mark.parametrize("b,n,d,k,dtype", [(1, 6, 8, 3, torch.float32), (2, 30, 64, 6, torch.float32),
                                            (3, 40, 5, 4, torch.float64), (1, 200, 16, 2, torch.float32)])
@@ -216,24 +245,28 @@ def test_memory_drop_rate(fixture):
     agg = m.aggregator
     per_frame = agg.patch_start + 1
     caches = [dict() for _ in range(m.cfg.depth)]
+    other = images.clone()
+    other[:, 1] = torch.rand(3, 28, 42)
+    keep = [0, 2, 3]
+
+    def chunk(x):
+        return agg.forward_chunk(x, [dict() for _ in range(m.cfg.depth)], first=True)[-1]
+
     with torch.no_grad():
-        c0 = agg.forward_chunk(images, caches, first=True)
+        c0 = agg.forward_chunk(images, caches, first=True)[-1]
         assert caches[0]["k"].shape[2] == 2 * 3 + 2 * per_frame  # reference + frames 0 and 2 of the chunk
         agg.forward_chunk(images[:, 1:], caches, first=False)  # a 3-frame chunk keeps its frames 0 and 2
         assert caches[-1]["k"].shape[2] == 2 * 3 + 4 * per_frame
         # a dropped frame (1) feeds no descriptor: changing it leaves every other frame as it was
-        other = images.clone()
-        other[:, 1] = torch.rand(3, 28, 42)
-        c0b = agg.forward_chunk(other, [dict() for _ in range(m.cfg.depth)], first=True)
-        keep = [0, 2, 3]
-        torch.testing.assert_close(c0b[-1][:, keep], c0[-1][:, keep], atol=1e-6, rtol=1e-6)
-        assert not torch.allclose(c0b[-1][:, 1], c0[-1][:, 1], atol=1e-4)
-        full = _model(sd).aggregator.forward_chunk(other, [dict() for _ in range(m.cfg.depth)], first=True)
-        c0_full = _model(sd).aggregator.forward_chunk(images, [dict() for _ in range(m.cfg.depth)], first=True)
-    assert not torch.allclose(full[-1][:, keep], c0_full[-1][:, keep], atol=1e-5)  # without dropping it would
-    # the one-shot path has no memory to drop: unchanged
-    with torch.no_grad():
-        torch.testing.assert_close(m.predict(images)["depth"], _model(sd).predict(images)["depth"])
+        c0b = chunk(other)
+        torch.testing.assert_close(c0b[:, keep], c0[:, keep], atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(c0b[:, 1], c0[:, 1], atol=1e-4)
+        m.cfg.memory_drop_rate = 1  # without dropping, frame 1 reaches the others
+        assert not torch.allclose(chunk(other)[:, keep], chunk(images)[:, keep], atol=1e-5)
+        # the one-shot path has no memory to drop
+        one = m.predict(images)["depth"]
+        m.cfg.memory_drop_rate = 2
+        torch.testing.assert_close(m.predict(images)["depth"], one)
 
 
 def test_keyframes_change_one_shot_output(fixture):

@@ -23,7 +23,8 @@ What changes from VGGT (everything else, and every parameter, is VGGT's):
   random restarts drawn on the tokens' device, up to 100 Lloyd iterations, the least-inertia
   restart kept — :func:`kmeans_centres` reproduces it bit for bit on the same device). Key positions for RoPE are the nearest-resampled patch positions. The
   same ``qkv`` weights project queries (full set) and keys/values (descriptors), so a VGGT
-  checkpoint loads as is; with ``f = 1`` and no key frames it is exactly VGGT's dense attention.
+  checkpoint loads as is; with ``f = 1`` there are no key frames (as in the authors' code) and it is
+  exactly VGGT's dense attention.
 * **Chunk-recursive inference** (the streaming variant): frames are processed in chunks; each
   global block keeps a cache of the keys/values of all earlier descriptors (and of frame 0's
   full-resolution reference tokens from the first chunk) and a chunk attends to the cache plus
@@ -33,7 +34,8 @@ What changes from VGGT (everything else, and every parameter, is VGGT's):
   key frame.
 
 Verification: ``tests/fixtures/vggt/flashvggt.*`` (the authors' descriptor attention, ``f = 2``,
-frame 0 as key frame) is reproduced to 2.4e-7.
+frame 0 as key frame) is reproduced to 2.4e-7; ``flashvggt_keyframes.*`` (6 frames, key frames every
+2: the authors' torch_kmeans selection, 4 key frames) exactly, key frames included.
 
 ``memory_drop_rate`` (the streaming variant's option, ``FlashVGGTConfig.memory_drop_rate``): in a
 chunk-recursive pass only every r-th frame of each chunk (frames 0, r, 2r, ... counted within the
@@ -234,7 +236,9 @@ class FlashAggregator(Aggregator):
                                      keyframes=self._keyframes, cache=cache, drop_rate=self.cfg.memory_drop_rate)
 
     def before_blocks(self, tokens: Tensor) -> None:
-        if self._caches is not None:  # chunk-recursive: frame 0 is the only key frame, first chunk only
+        if self.cfg.kv_downfactor == 1:  # the authors' attention ignores key frames without downsampling
+            self._keyframes = None
+        elif self._caches is not None:  # chunk-recursive: frame 0 is the only key frame, first chunk only
             first = self._first_chunk and self.cfg.use_reference
             self._keyframes = torch.zeros(tokens.shape[0], 1, dtype=torch.long, device=tokens.device) if first else None
         elif self.cfg.use_reference:
