@@ -7,8 +7,9 @@ github.com/cvg/depthsplat @ 2dad25a, MIT, ``src/model/encoder/unimatch/mv_transf
 1. window self-attention of a view on itself, then ``LayerNorm`` of the merged message, added
    to the input (no MLP);
 2. window cross-attention of a view on the same window of its source views (all source tokens of
-   the window form one key set), ``LayerNorm``, then an MLP on ``concat(x, message)``, another
-   ``LayerNorm``, added to the input.
+   the window form one key set; the source features are those that entered the block, before its
+   self-attention), ``LayerNorm``, then an MLP on ``concat(x, message)``, another ``LayerNorm``,
+   added to the input.
 
 Attention is single-head (scale ``1/sqrt(C)``), projections have no bias. The feature map is cut
 into ``splits x splits`` windows; odd blocks shift the windows by half a window (cyclic roll) and
@@ -194,7 +195,8 @@ class MultiViewTransformer(nn.Module):
         mask = shifted_window_mask(H, W, splits, device=x.device).to(x.dtype) if splits > 1 else None
         h = x.permute(0, 1, 3, 4, 2).reshape(B * V, H, W, C)
         for layer in self.layers:
-            h = layer.self_attn(h, h[:, None], splits, layer.shift, mask)
+            # the source views are read as they entered the block (before its self-attention)
             src = gather_sources(h.view(B, V, H, W, C), sources).flatten(0, 1)  # [B*V, S, H, W, C]
+            h = layer.self_attn(h, h[:, None], splits, layer.shift, mask)
             h = layer.cross_attn_ffn(h, src, splits, layer.shift, mask)
         return h.view(B, V, H, W, C).permute(0, 1, 4, 2, 3)
