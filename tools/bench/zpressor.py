@@ -1,24 +1,24 @@
-"""Time and peak memory of ZPressor, and of the multi-view stage it shields, as context views grow.
+"""Time and peak memory of the DepthSplat host with and without ZPressor as context views grow.
 
-ZPressor turns ``V`` context views into ``K`` anchor views, so whatever runs after it sees ``K``
-views whatever ``V`` is. For each view count the run measures, on the same random features:
+ZPressor turns ``V`` context views into ``K`` anchor views (``--anchors``, released: 6), so the
+host's depth network and Gaussian head see ``K`` views whatever ``V`` is. For each view count the
+run measures, on the same random images and cameras (views on a noisy circle):
 
-- ``zp``: the ZPressor module itself (released configuration: width 128, 1 head, 6 blocks);
-- ``host(V)``: a stand-in for the host's multi-view stage on all ``V`` views: ``--host-layers``
-  pre-norm transformer blocks with global attention over every view's tokens (the cross-view
-  attention of DepthSplat/MVSplat's multi-view transformer, whose cost grows as ``(V*H*W)^2``);
-- ``host(K)``: the same stand-in on the ``K`` compressed views;
+- ``zp``: the ZPressor module alone, on ``[1, V, C, H/8, W/8]`` features (C = the host's width);
+- ``host``: ``DepthSplat.forward`` without ZPressor (all ``V`` views);
+- ``host+zp``: ``DepthSplat.forward`` with ZPressor (``K`` anchors; the host skips it when
+  ``V <= K``); both hosts share every weight;
 
-and the ratio ``(zp + host(K)) / host(V)``. The stand-in is named as such in the printout; it is
-not the real host (``vision3d.recon.depthsplat``), whose cost volume and U-Net add per-view work.
+and the ratio ``host+zp / host``. Weights are random (timing only).
 
-CPU (default): 8x8 feature maps (a 64x64 image at 1/8), views 2 6 12 24 36 100; peak memory is the
-process's peak resident set (``VmHWM`` reset through ``/proc/self/clear_refs``, Linux), with the
-script re-run under ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors leave the resident set
-(otherwise glibc keeps the warm-up's memory and later peaks read as 0). CUDA
-(``--device cuda``): feature maps at 1/8 of 256x256 and of 480x640 (``--sizes``), bf16 attention
-(``precision="bf16"``, the authors' default), peak memory from ``torch.cuda.max_memory_allocated``.
-Views with ``V <= K`` use ``K = V`` (nothing to compress). An out-of-memory run reads ``oom``.
+CPU (default): ``depthsplat_tiny`` at 32x32, views 2 6 12 24 36 100 (about a minute on two
+cores); peak memory is the process's peak resident set
+(``VmHWM`` reset through ``/proc/self/clear_refs``, Linux), the script re-running itself under
+``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors leave the resident set (otherwise glibc
+keeps the warm-up's memory and later peaks read as 0). CUDA (``--device cuda``): ``depthsplat_small``
+at 256x256 and 480x640 (``--sizes``), bf16 autocast and ``precision="bf16"`` (the authors'
+default), views 2 6 12 24 36 100 by default; peak memory from ``torch.cuda.max_memory_allocated``.
+An out-of-memory run reads ``oom`` and the sweep goes on.
 
     python tools/bench/zpressor.py                          # CPU
     python tools/bench/zpressor.py --device cuda --views 2 6 12 24 36 100 200 --json zp.json
@@ -35,10 +35,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
-
-from vision3d.layers.attention import attention, merge_heads, split_heads
-from vision3d.recon.zpressor import ZPressor
+from vision3d import recon
+from vision3d.geometry import Cameras
+from vision3d.recon.zpressor import ZPressor, ZPressorConfig
 from vision3d.utils.io import write_text_atomic
 
 
@@ -47,32 +46,6 @@ def _bench_vggt():  # the resident-set helpers live in the VGGT benchmark; reuse
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-class GlobalAttentionStandIn(nn.Module):
-    """Pre-norm blocks, global self-attention over all views' tokens + MLP: the host stand-in."""
-
-    def __init__(self, dim: int, layers: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict(
-                {
-                    "norm1": nn.LayerNorm(dim), "qkv": nn.Linear(dim, 3 * dim), "proj": nn.Linear(dim, dim),
-                    "norm2": nn.LayerNorm(dim),
-                    "mlp": nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)),
-                }
-            )
-            for _ in range(layers)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, V, C, H, W] -> [B, V*H*W, C]
-        t = x.flatten(3).transpose(2, 3).flatten(1, 2)
-        for b in self.blocks:
-            q, k, v = (split_heads(u, self.heads) for u in b["qkv"](b["norm1"](t)).chunk(3, -1))
-            t = t + b["proj"](merge_heads(attention(q, k, v)))
-            t = t + b["mlp"](b["norm2"](t))
-        return t
 
 
 def measure(fn, repeat: int, device: torch.device, rss) -> dict:
@@ -106,26 +79,28 @@ def measure(fn, repeat: int, device: torch.device, rss) -> dict:
         return {"time_s": float("nan"), "peak_mib": float("nan"), "oom": True}
 
 
-def _cameras(B: int, V: int, device) -> torch.Tensor:  # [B, V, 4, 4] on a noisy circle
+def _cameras(V: int, H: int, W: int, device) -> Cameras:  # batch [1, V], on a noisy circle looking inwards
     g = torch.Generator().manual_seed(V)
     ang = torch.linspace(0, 2 * torch.pi, V + 1)[:V]
-    c2w = torch.eye(4).repeat(B, V, 1, 1)
-    c2w[..., 0, 3], c2w[..., 2, 3] = ang.cos(), ang.sin()
-    c2w[..., :3, 3] += 0.05 * torch.randn(B, V, 3, generator=g)
-    return c2w.to(device)
+    centre = torch.stack([2 * ang.sin(), 0.05 * torch.randn(V, generator=g), -2 * ang.cos()], -1)
+    fwd = -centre / centre.norm(dim=-1, keepdim=True)  # z axis towards the origin
+    right = torch.linalg.cross(torch.tensor([0.0, 1.0, 0.0]).expand(V, 3), fwd)
+    right = right / right.norm(dim=-1, keepdim=True)
+    c2w = torch.eye(4).repeat(V, 1, 1)
+    c2w[:, :3, 0], c2w[:, :3, 1], c2w[:, :3, 2], c2w[:, :3, 3] = right, torch.linalg.cross(fwd, right), fwd, centre
+    K = torch.tensor([[1.0 * W, 0, W / 2], [0, 1.0 * W, H / 2], [0, 0, 1]]).expand(1, V, 3, 3)
+    return Cameras(K.to(device), c2w[None].to(device), W, H, near=0.5, far=10.0)
 
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--views", type=int, nargs="+", default=[2, 6, 12, 24, 36, 100])
-    ap.add_argument("--sizes", type=str, nargs="+", default=None,
-                    help="image sizes HxW (features at 1/--stride); CPU default 64x64, CUDA 256x256 480x640")
-    ap.add_argument("--stride", type=int, default=8, help="feature stride of the host (DepthSplat: 8 at 1/8 res.)")
+    ap.add_argument("--views", type=int, nargs="+", default=None, help="context view counts to sweep")
+    ap.add_argument("--sizes", type=str, nargs="+", default=None, help="image sizes HxW (CPU 32x32, CUDA 256x256 480x640)")
+    ap.add_argument("--host", default=None, help="registered DepthSplat variant (CPU depthsplat_tiny, CUDA depthsplat_small)")
     ap.add_argument("--anchors", type=int, default=6, help="K (released DepthSplat/MVSplat: 6)")
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--host-layers", type=int, default=6, help="blocks of the host stand-in")
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=6, help="ZPressor blocks (released: 6)")
+    ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None, help="write the rows here")
     a = ap.parse_args(argv)
 
@@ -134,38 +109,50 @@ def main(argv=None) -> list[dict]:
         raise SystemExit("tools/bench/zpressor.py: --device cuda given but CUDA is not available")
     if device.type == "cpu" and argv is None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
-    if device.type == "cpu":
+    cuda = device.type == "cuda"
+    if not cuda:
         torch.set_num_threads(min(2, torch.get_num_threads()))
-    sizes = a.sizes or (["256x256", "480x640"] if device.type == "cuda" else ["64x64"])
+    views = a.views or [2, 6, 12, 24, 36, 100]
+    sizes = a.sizes or (["256x256", "480x640"] if cuda else ["32x32"])
+    host_name = a.host or ("depthsplat_small" if cuda else "depthsplat_tiny")
     rss = _bench_vggt()
     torch.manual_seed(0)
-    precision = "bf16" if device.type == "cuda" else "fp32"
-    zp = ZPressor(a.dim, 1, 6, precision=precision).to(device).eval()
-    host = GlobalAttentionStandIn(a.dim, a.host_layers, heads=1).to(device).eval()
+    host = recon.create(host_name).to(device).eval()
+    C = host.cfg.feature_channels
+    precision = "bf16" if cuda else "fp32"
+    zcfg = ZPressorConfig(num_anchors=a.anchors, embed_dim=C, num_layers=a.layers, precision=precision)
+    host_zp = recon.create(host_name, zpressor=zcfg).to(device).eval()
+    missing, unexpected = host_zp.load_state_dict(host.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("zpressor.") for k in missing)
+    host_zp.zpressor = ZPressor.from_config(zcfg).to(device).eval()  # the configured precision
+    zp = host_zp.zpressor
+    stride = host.cfg.lowest_feature_resolution
     rows = []
-    print(f"device={device} width={a.dim} K={a.anchors} zpressor precision={precision} "
-          f"host=stand-in ({a.host_layers} global-attention blocks)")
-    print(f"{'size':>8} {'feat':>6} {'V':>4} {'K':>3} {'zp s':>8} {'zp MiB':>8} {'host(V) s':>10} {'host(V) MiB':>11} "
-          f"{'host(K) s':>10} {'host(K) MiB':>11} {'(zp+hK)/hV':>10}")
+    print(f"device={device} host={host_name} (C={C}, features at 1/{stride}) K={a.anchors} "
+          f"ZPressor blocks={a.layers} precision={precision}")
+    print(f"{'size':>8} {'V':>4} {'zp s':>8} {'zp MiB':>8} {'host s':>8} {'host MiB':>9} "
+          f"{'host+zp s':>10} {'host+zp MiB':>11} {'time':>6} {'memory':>7}")
     for size in sizes:
         h, w = (int(s) for s in size.lower().split("x"))
-        fh, fw = h // a.stride, w // a.stride
-        for V in a.views:
-            K = min(a.anchors, V)
-            x = torch.randn(1, V, a.dim, fh, fw, device=device)
-            c2w = _cameras(1, V, device)
-            r_zp = measure(lambda: zp(x, c2w, K), a.repeat, device, rss)
-            z = torch.randn(1, K, a.dim, fh, fw, device=device)
-            r_hv = measure(lambda: host(x), a.repeat, device, rss)
-            r_hk = measure(lambda: host(z), a.repeat, device, rss)
-            row = {"size": size, "feature": f"{fh}x{fw}", "views": V, "anchors": K, "device": str(device),
-                   **{f"zp_{k}": v for k, v in r_zp.items()}, **{f"hostV_{k}": v for k, v in r_hv.items()},
-                   **{f"hostK_{k}": v for k, v in r_hk.items()}}
-            row["ratio"] = (row["zp_time_s"] + row["hostK_time_s"]) / row["hostV_time_s"]
+        m = host.size_multiple
+        if h % m or w % m:
+            raise SystemExit(f"tools/bench/zpressor.py: size {size} is not a multiple of {m} for {host_name}")
+        for V in views:
+            images = torch.rand(1, V, 3, h, w, device=device)
+            cams = _cameras(V, h, w, device)
+            feats = torch.randn(1, V, C, h // stride, w // stride, device=device)
+            r_zp = measure(lambda: zp(feats, cams.cam_to_world, min(a.anchors, V)), a.repeat, device, rss)
+            r_h = measure(lambda: host(images, cams), a.repeat, device, rss)
+            r_hz = measure(lambda: host_zp(images, cams), a.repeat, device, rss)
+            row = {"size": size, "views": V, "anchors": min(a.anchors, V), "device": str(device), "host": host_name,
+                   **{f"zp_{k}": v for k, v in r_zp.items()}, **{f"host_{k}": v for k, v in r_h.items()},
+                   **{f"hostzp_{k}": v for k, v in r_hz.items()}}
+            row["time_ratio"] = row["hostzp_time_s"] / row["host_time_s"]
+            row["memory_ratio"] = row["hostzp_peak_mib"] / row["host_peak_mib"] if row["host_peak_mib"] else float("nan")
             rows.append(row)
-            print(f"{size:>8} {row['feature']:>6} {V:>4} {K:>3} {row['zp_time_s']:>8.4f} {row['zp_peak_mib']:>8.1f} "
-                  f"{row['hostV_time_s']:>10.4f} {row['hostV_peak_mib']:>11.1f} {row['hostK_time_s']:>10.4f} "
-                  f"{row['hostK_peak_mib']:>11.1f} {row['ratio']:>10.3f}", flush=True)
+            print(f"{size:>8} {V:>4} {row['zp_time_s']:>8.3f} {row['zp_peak_mib']:>8.1f} {row['host_time_s']:>8.3f} "
+                  f"{row['host_peak_mib']:>9.1f} {row['hostzp_time_s']:>10.3f} {row['hostzp_peak_mib']:>11.1f} "
+                  f"{row['time_ratio']:>6.2f} {row['memory_ratio']:>7.2f}", flush=True)
     if a.json:
         write_text_atomic(a.json, json.dumps(rows, indent=1))
     return rows
