@@ -303,3 +303,21 @@ def test_cuda_bf16_path_close_to_fp32():
     assert torch.equal(a.cpu(), a_cpu) and torch.equal(a, a_bf)
     torch.testing.assert_close(ref.cpu(), cpu, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got, ref, atol=5e-2, rtol=5e-2)
+
+
+def test_inside_the_depthsplat_host():
+    from tests.recon.test_depthsplat import _cams
+    from vision3d import recon
+
+    host = recon.create("depthsplat_tiny", zpressor=ZPressorConfig(num_anchors=2, embed_dim=32, num_layers=1)).eval()
+    # the authors' DepthSplat checkpoint keeps ZPressor under encoder.depth_predictor.zipmatch.
+    authors = {"encoder.depth_predictor.zipmatch." + _to_authors(k): v.clone() for k, v in host.zpressor.state_dict().items()}
+    authors["encoder.depth_predictor.backbone.conv1.weight"] = torch.zeros(1)  # the rest of the host: not ours
+    host.zpressor.load_state_dict(convert_zpressor_state({"state_dict": authors}), strict=True)
+    H = W = host.size_multiple
+    cams = _cams(1, 4, H, W)
+    with torch.no_grad():
+        out = host(torch.rand(1, 4, 3, H, W), cams)
+    anchors = select_anchors(cams.cam_to_world[..., :3, 3], 2)
+    assert torch.equal(out.extras["view_indices"], anchors)
+    assert out.gaussians.means.shape == (1, 2 * H * W, 3)
