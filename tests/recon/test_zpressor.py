@@ -15,6 +15,7 @@ from vision3d.recon.zpressor import (
     ZPressor,
     ZPressorConfig,
     assign_to_anchors,
+    cluster_by_tokens,
     config_from_state,
     convert_zpressor_state,
     select_anchors,
@@ -45,17 +46,26 @@ def test_parity_with_authors(case):
     model = ZPressor(**kw).eval()
     model.load_state_dict(convert_zpressor_state(state), strict=True)
     K = _num_anchors(meta, t)
+    tokens = "in/cls_token" in t
+    if tokens:  # the token-clustering path (scikit-learn k-means)
+        pytest.importorskip("sklearn", reason="scikit-learn (extra [sklearn], in [dev]) not installed")
+        args, kwargs = (t["in/x"], None, K), {"cluster_tokens": t["in/cls_token"]}
+    else:
+        args, kwargs = (t["in/x"], t["in/extrinsics"], K), {}
     with torch.no_grad():
-        feats, anchors = model(t["in/x"], t["in/extrinsics"], K)
+        feats, anchors = model(*args, **kwargs)
     assert torch.equal(anchors, t["out/center_views"])
-    assert torch.equal(assign_to_anchors(t["in/extrinsics"][..., :3, 3], anchors), t["out/clusters"])
+    if tokens:
+        assert torch.equal(cluster_by_tokens(t["in/cls_token"], K)[1], t["out/clusters"])
+    else:
+        assert torch.equal(assign_to_anchors(t["in/extrinsics"][..., :3, 3], anchors), t["out/clusters"])
     torch.testing.assert_close(feats, t["out/features"], atol=tol["atol"], rtol=tol["rtol"])
 
     if "out/features_flash_bf16" in t:  # the authors' default bf16 path, its own loose tolerance
         bf = ZPressor(**kw, precision="bf16").eval()
         bf.load_state_dict(model.state_dict())
         with torch.no_grad():
-            feats_bf, _ = bf(t["in/x"], t["in/extrinsics"], K)
+            feats_bf, _ = bf(*args, **kwargs)
         pt = tol["per_output"]["out/features_flash_bf16"]
         torch.testing.assert_close(feats_bf, t["out/features_flash_bf16"], atol=pt["atol"], rtol=pt["rtol"])
         assert (feats_bf - feats).abs().max() > 0  # the bf16 path really is a different computation
@@ -243,6 +253,12 @@ def test_bad_input_errors():
         ZPressorConfig(num_anchors=0)
     with pytest.raises(ValueError, match="2 feature level"):
         ZPressor((16, 8))(x, c2w, 2)
+    with pytest.raises(ValueError, match="or give cluster_tokens"):
+        model(x, None, 2)
+    with pytest.raises(ValueError, match="need V >= num_anchors"):
+        cluster_by_tokens(torch.randn(1, 2, 5), 3)
+    with pytest.raises(ValueError, match=r"\[B, V, F\]"):
+        model(x, None, 2, cluster_tokens=torch.randn(4, 5))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,8 +44,13 @@ Implementation: one batched cross-attention per block over all anchors of all ba
 supports gathered into a padded ``[B*K, S*H*W]`` key set with a boolean mask (``S`` the largest
 support count), so there is no Python loop over batch elements, anchors or tokens.
 
-Not ported: the authors' token-clustering alternative (``cls_token`` / ``use_avg_token`` hosts
-options, scikit-learn ``KMeans`` on per-view tokens); their hosts use camera positions by default.
+**Token clustering** (the hosts' ``use_clstoken`` / ``use_avg_token`` options, :func:`cluster_by_tokens`,
+``forward(..., cluster_tokens=...)``): instead of camera centres, scikit-learn's
+``KMeans(n_clusters=K, random_state=42, n_init=10)`` clusters one token per view (a DINOv2 class
+token, or the mean of the view's features) on the CPU, per batch element; the views are assigned
+by its labels and the anchor of cluster ``j`` is its member nearest (Euclidean, ties to the lowest
+view index) to the k-means centre, anchors in label order. Needs ``scikit-learn`` (extra
+``[sklearn]``); the result is scikit-learn's, so it can differ between its releases.
 
 State dict: the authors' keys (``cross_attn_layers.{level}.{block}.*``,
 ``self_attn_layers.{level}.{block}.*``), found bare or under a host prefix
@@ -169,6 +174,42 @@ def assign_to_anchors(
     anchors = torch.gather(p, 1, anchor_idx.long().unsqueeze(-1).expand(-1, -1, 3))  # [B, K, 3]
     d = ((p.unsqueeze(2) - anchors.unsqueeze(1)) ** 2).sum(-1)  # [B, V, K]
     return d.argmin(-1)
+
+
+def cluster_by_tokens(
+    tokens: Tensor,  # [B, V, F] one token per view
+    k: int,
+) -> tuple[Tensor, Tensor]:  # anchor_idx [B, K] long (label order), clusters [B, V] long labels
+    """The authors' token clustering: scikit-learn k-means (seed 42, 10 restarts) per batch element;
+    the anchor of each cluster is its member nearest to the centre (see the module docstring)."""
+    if tokens.ndim != 3:
+        raise ValueError(f"cluster_by_tokens: tokens must be [B, V, F], got {tuple(tokens.shape)}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"cluster_by_tokens: k must be a positive int, got {k!r}")
+    B, V, _ = tokens.shape
+    if V < k:
+        raise ValueError(f"cluster_by_tokens: {V} views cannot form {k} k-means clusters (need V >= num_anchors)")
+    if not torch.isfinite(tokens).all():
+        raise ValueError("cluster_by_tokens: tokens contain NaN or inf")
+    from vision3d.utils.optional import require
+
+    KMeans = require("sklearn.cluster", "ZPressor token clustering").KMeans
+    t = tokens.detach()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    anchors = torch.zeros(B, k, dtype=torch.long)
+    clusters = torch.zeros(B, V, dtype=torch.long)
+    for b in range(B):
+        km = KMeans(n_clusters=k, random_state=42, n_init=10)
+        labels = torch.as_tensor(km.fit_predict(t[b].cpu().numpy()), dtype=torch.long)
+        centres = torch.as_tensor(km.cluster_centers_)
+        clusters[b] = labels
+        for j in range(k):
+            members = torch.nonzero(labels == j).flatten()
+            if len(members):  # scikit-learn relocates empty clusters; the authors' fallback is view 0
+                d = torch.linalg.vector_norm(t[b].cpu()[members] - centres[j].to(t.dtype), dim=1)
+                anchors[b, j] = members[d.argmin()]
+    return anchors.to(tokens.device), clusters.to(tokens.device)
 
 
 def support_index(
@@ -321,24 +362,35 @@ class ZPressor(nn.Module):
     def forward(
         self,
         x: Tensor | Sequence[Tensor],  # [B, V, C, H, W] features (a list of them for several levels)
-        cam_to_world: Tensor,  # [B, V, 4, 4] cam-to-world, OpenCV (only the centres are used)
+        cam_to_world: Tensor | None,  # [B, V, 4, 4] cam-to-world, OpenCV (only the centres are used)
         num_anchors: int,
+        *,
+        cluster_tokens: Tensor | None = None,  # [B, V, F]: cluster these instead of the camera centres
     ) -> tuple[Tensor | list[Tensor], Tensor]:  # features [B, K, C, H, W] (list per level), anchor_idx [B, K]
         maps = [x] if isinstance(x, Tensor) else list(x)
         if len(maps) != len(self.dims):
             raise ValueError(f"ZPressor: expected {len(self.dims)} feature level(s) for embed_dim {self.dims}, got {len(maps)}")
-        if cam_to_world.ndim != 4 or cam_to_world.shape[-2:] != (4, 4):
-            raise ValueError(f"ZPressor: cam_to_world must be [B, V, 4, 4], got {tuple(cam_to_world.shape)}")
-        B, V = cam_to_world.shape[:2]
+        if cluster_tokens is None:
+            if cam_to_world is None or cam_to_world.ndim != 4 or cam_to_world.shape[-2:] != (4, 4):
+                got = None if cam_to_world is None else tuple(cam_to_world.shape)
+                raise ValueError(f"ZPressor: cam_to_world must be [B, V, 4, 4] (or give cluster_tokens), got {got}")
+            B, V = cam_to_world.shape[:2]
+        else:
+            if cluster_tokens.ndim != 3:
+                raise ValueError(f"ZPressor: cluster_tokens must be [B, V, F], got {tuple(cluster_tokens.shape)}")
+            B, V = cluster_tokens.shape[:2]
         for i, (m, d) in enumerate(zip(maps, self.dims)):
             if m.ndim != 5 or m.shape[:3] != (B, V, d):
                 raise ValueError(
                     f"ZPressor: features (level {i}) must be [B={B}, V={V}, C={d}, H, W] to match cam_to_world, "
                     f"got {tuple(m.shape)}"
                 )
-        centres = cam_to_world[..., :3, 3]
-        anchor_idx = select_anchors(centres, num_anchors)
-        clusters = assign_to_anchors(centres, anchor_idx)
+        if cluster_tokens is None:
+            centres = cam_to_world[..., :3, 3]
+            anchor_idx = select_anchors(centres, num_anchors)
+            clusters = assign_to_anchors(centres, anchor_idx)
+        else:
+            anchor_idx, clusters = cluster_by_tokens(cluster_tokens, num_anchors)
         sup_idx, sup_valid = support_index(anchor_idx, clusters)
         outs = [self._compress(m, blocks, anchor_idx, sup_idx, sup_valid) for m, blocks in zip(maps, self.levels)]
         return (outs if self.multi_level else outs[0]), anchor_idx
