@@ -336,3 +336,12 @@ def test_host_with_zpressor_keeps_anchor_views_only_and_loads_the_authors_layout
     torch.testing.assert_close(dc, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="embed_dim"):
         recon.create("depthsplat_tiny", zpressor=ZPressorConfig(num_anchors=2, embed_dim=16))
+
+
+def test_train_cli_backbone_flag():
+    from vision3d.cli.train import split_backbone
+
+    name, rest = split_backbone(["--model", "depthsplat_tiny", "--backbone", "ffnet_1", "--out", "x"])
+    assert name == "ffnet_1" and rest == ["--model", "depthsplat_tiny", "--out", "x"]
+    assert split_backbone(["--backbone=affnet_t"]) == ("affnet_t", [])
+    assert split_backbone(["--out", "x"]) == (None, ["--out", "x"])
