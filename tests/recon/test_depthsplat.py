@@ -304,3 +304,44 @@ def test_gradients_reach_every_trainable_block():
     for prefix in ("cnn.", "transformer.", "mono.", "regressor.", "depth_head.", "upsampler.", "feature_upsampler.", "gaussian_head."):
         grads = [p.grad for n, p in model.named_parameters() if n.startswith(prefix)]
         assert grads and any(gr is not None and gr.abs().sum() > 0 for gr in grads), prefix
+
+
+# ----------------------------------------------------------------------------------------- ZPressor
+def test_host_with_zpressor_keeps_anchor_views_only_and_loads_the_authors_layout():
+    from tests.recon.test_zpressor import _to_authors
+    from vision3d.recon.zpressor import ZPressorConfig, select_anchors
+
+    torch.manual_seed(0)
+    z = ZPressorConfig(num_anchors=3, embed_dim=32, num_layers=1)
+    host = recon.create("depthsplat_tiny", zpressor=z).eval()
+    # a whole authors' host checkpoint: ZPressor under encoder.depth_predictor.zipmatch.
+    theirs = {}
+    for k, v in host.state_dict().items():
+        if k.startswith("zpressor."):
+            theirs["encoder.depth_predictor.zipmatch." + _to_authors(k[len("zpressor."):])] = v + 0.01
+    ours_back = convert_depthsplat_checkpoint({"state_dict": theirs})
+    assert set(ours_back) == {k for k in host.state_dict() if k.startswith("zpressor.")}
+    host.load_state_dict(ours_back, strict=False)
+    B, V, H, W = 1, 7, 32, 32
+    cams = _cams(B, V, H, W)
+    images = torch.rand(B, V, 3, H, W)
+    with torch.no_grad():
+        out = host(images, cams)
+    anchors = select_anchors(cams.cam_to_world[..., :3, 3], 3)
+    assert torch.equal(out.extras["view_indices"], anchors)
+    assert out.gaussians.means.shape == (B, 3 * H * W, 3) and out.depth.shape == (B, 3, 1, H, W)
+    # Gaussians from the anchor views only: the DC colours are the anchor images'
+    dc = 0.5 + SH_C0 * out.gaussians.sh[..., 0, :]
+    want = images[0, anchors[0]].permute(0, 2, 3, 1).reshape(1, -1, 3)
+    torch.testing.assert_close(dc, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="embed_dim"):
+        recon.create("depthsplat_tiny", zpressor=ZPressorConfig(num_anchors=2, embed_dim=16))
+
+
+def test_train_cli_backbone_flag():
+    from vision3d.cli.train import split_backbone
+
+    name, rest = split_backbone(["--model", "depthsplat_tiny", "--backbone", "ffnet_1", "--out", "x"])
+    assert name == "ffnet_1" and rest == ["--model", "depthsplat_tiny", "--out", "x"]
+    assert split_backbone(["--backbone=affnet_t"]) == ("affnet_t", [])
+    assert split_backbone(["--out", "x"]) == (None, ["--out", "x"])

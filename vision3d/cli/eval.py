@@ -74,6 +74,10 @@ def run(args: Args) -> int:
         ChunkDatasetConfig(roots=[args.root], split="test", image_shape=shape, near=near, far=far),
         EvaluationViewSampler(args.index),
     )
+    if cfg is not None:  # evaluate in the world frame the model was trained in (data.scene_transform)
+        from vision3d.data.transforms import with_scene_transform
+
+        ds = with_scene_transform(ds, getattr(cfg.data, "scene_transform", "none"))
     ck = Path(args.ckpt)
     out = args.out or str((ck if ck.is_dir() else ck.parent) / "eval")
     if protocol == "geometry":

@@ -12,6 +12,9 @@ reconstructors (render loss) and VGGT/FlashVGGT (camera, depth and point losses)
 is refused before any work starts, with the list of models that train.
 
 ``--preset FILE`` loads a YAML preset (or a run's config.yaml) as the defaults; flags override it.
+``--backbone NAME`` sets the image encoder of reconstructors that take one by timm name (DepthSplat:
+``vit_small_patch14_dinov2``, ``affnet_t``, ``ffnet_1``, ``transnext_micro``, ...), i.e.
+``model_kwargs.backbone`` (with the variant's ``backbone_kwargs`` cleared).
 """
 
 from __future__ import annotations
@@ -69,5 +72,25 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"vision3d train: {e}", file=sys.stderr)
         return 2
+    backbone, rest = split_backbone(rest)
     cfg = tyro.cli(TrainConfig, args=rest, default=default, prog="vision3d train", description=__doc__)
+    if backbone is not None:
+        cfg.model_kwargs = {**cfg.model_kwargs, "backbone": backbone, "backbone_kwargs": {}}
     return run(cfg)
+
+
+def split_backbone(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Pull ``--backbone NAME`` out of argv (the timm name of the reconstructor's image encoder)."""
+    rest, name = [], None
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--backbone" or a.startswith("--backbone="):
+            name = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
+            if not name:
+                raise SystemExit("vision3d train: --backbone needs a timm model name")
+            i += 1 if "=" in a else 2
+            continue
+        rest.append(a)
+        i += 1
+    return name, rest

@@ -58,6 +58,9 @@ class DataConfig:
     """DataLoader worker processes per GPU."""
     skip_bad: bool = False
     """Skip unreadable scenes with a logged warning instead of stopping."""
+    scene_transform: str = "none"
+    """World frame the model trains in (vision3d.data.transforms): 'none' (the dataset's; DepthSplat)
+    or 'mean_camera' (iLRM's mean-context-camera frame, centres' largest coordinate 1)."""
 
 
 @dataclass

@@ -164,7 +164,9 @@ def build_dataset(cfg: TrainConfig, split: str = "train", rank: int = 0):
     data_cfg = ChunkDatasetConfig(
         roots=[d.root], split=split, image_shape=tuple(d.image_shape), near=d.near, far=d.far, skip_bad=d.skip_bad
     )
-    return ChunkDataset(data_cfg, sampler)
+    from vision3d.data.transforms import with_scene_transform
+
+    return with_scene_transform(ChunkDataset(data_cfg, sampler), d.scene_transform)
 
 
 # ------------------------------------------------------------------------------------------------ the loop
