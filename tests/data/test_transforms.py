@@ -76,3 +76,15 @@ def test_engine_applies_the_configured_transform(tmp_path):
     a, b = plain[0], moved[0]
     torch.testing.assert_close(a.context_images, b.context_images)
     assert float(b.context_cameras.cam_to_world[:, :3, 3].abs().max()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_mean_camera_frame_scales_depths_with_the_scene():
+    from dataclasses import replace
+
+    ex = _example()
+    ex = replace(ex, context_depths=torch.rand(3, 1, 24, 32) + 1, target_depths=torch.rand(2, 1, 24, 32) + 1)
+    out = mean_camera_frame(ex)
+    s = out.near / ex.near
+    torch.testing.assert_close(out.context_depths, ex.context_depths * s)
+    torch.testing.assert_close(out.target_depths, ex.target_depths * s)
+    assert mean_camera_frame(_example()).context_depths is None

@@ -59,12 +59,14 @@ def mean_camera_similarity(
 
 
 def mean_camera_frame(ex: ViewsExample) -> ViewsExample:
-    """The example in iLRM's training frame (from its context cameras); near/far and ``scale`` follow."""
+    """The example in iLRM's training frame (from its context cameras); near/far, depths and ``scale`` follow."""
     sim = mean_camera_similarity(ex.context_cameras)
     return replace(
         ex,
         context_cameras=transform_cameras(ex.context_cameras, sim),
         target_cameras=transform_cameras(ex.target_cameras, sim),
+        context_depths=None if ex.context_depths is None else ex.context_depths * sim.scale,
+        target_depths=None if ex.target_depths is None else ex.target_depths * sim.scale,
         near=ex.near * sim.scale,
         far=ex.far * sim.scale,
         scale=ex.scale / sim.scale,
