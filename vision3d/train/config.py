@@ -83,6 +83,9 @@ class OptimConfig:
     """Clip the global gradient norm to this (0: off)."""
     ema_decay: float = 0.0
     """Keep an exponential moving average of the weights with this decay (0: off)."""
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multipliers by parameter-name pattern (fnmatch; the first matching pattern wins), e.g.
+    ``{'mono.model.*': 0.01}``: DepthSplat's pretrained ViT at 2e-6 beside 2e-4 for the rest, as its authors."""
 
 
 @dataclass

@@ -89,6 +89,29 @@ def forward_loss(model: nn.Module, loss_fn: Objective, batch, step: int, autocas
     return r.loss, r.logs, r.preview
 
 
+def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict[str, float]) -> list[dict]:
+    """AdamW groups as timm builds them (no decay on biases, norms and ``no_weight_decay()`` names), split
+    further by learning-rate multiplier: ``lr_scale`` maps fnmatch patterns of parameter names to multipliers
+    (first match wins), which timm's schedulers apply through each group's ``lr_scale``. A pattern that
+    matches no trainable parameter is an error naming it."""
+    import fnmatch
+
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for pat in lr_scale:
+        if not any(fnmatch.fnmatchcase(n, pat) for n, _ in named):
+            tops = sorted({n.split(".")[0] for n, _ in named})
+            raise ValueError(f"config optim.lr_scale: pattern {pat!r} matches no trainable parameter of "
+                             f"{type(model).__name__} (top-level modules: {', '.join(tops)})")
+    groups: dict[tuple[bool, float], list] = {}
+    for n, p in named:
+        scale = next((float(v) for pat, v in lr_scale.items() if fnmatch.fnmatchcase(n, pat)), 1.0)
+        decay = not (p.ndim <= 1 or n.endswith(".bias") or n in skip)
+        groups.setdefault((decay, scale), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+            for (decay, scale), ps in groups.items()]
+
+
 def freeze_parameters(model: nn.Module, patterns) -> list[str]:
     """Set ``requires_grad=False`` on parameters whose names match any fnmatch pattern; returns their names.
 
@@ -224,7 +247,8 @@ def train(cfg: TrainConfig, dataset=None, max_steps: int | None = None) -> Train
     from timm.scheduler import CosineLRScheduler
 
     o = cfg.optim
-    optimizer = create_optimizer_v2(base, "adamw", lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+    optimizer = create_optimizer_v2(param_groups(base, o.weight_decay, o.lr_scale) if o.lr_scale else base, "adamw",
+                                    lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
     scheduler = CosineLRScheduler(
         optimizer, t_initial=o.max_steps, lr_min=o.min_lr, warmup_t=o.warmup_steps,
         warmup_lr_init=o.lr * 1e-3 if o.warmup_steps else o.lr, warmup_prefix=True, t_in_epochs=False,
