@@ -105,6 +105,10 @@ def forward_loss(model: nn.Module, loss_fn: Loss, batch, step: int, autocast) ->
         out = model(batch.context_images, batch.context_cameras)
     pred = render_views(model, out.gaussians, batch.target_cameras)
     loss, logs = loss_fn(pred, batch.target_images, out.gaussians, step)
+    for i, (weight, g) in enumerate(out.aux_gaussians):  # e.g. VolSplat's intermediate-depth Gaussians
+        aux, aux_logs = loss_fn(render_views(model, g, batch.target_cameras), batch.target_images, g, step)
+        loss = loss + weight * aux
+        logs[f"aux{i}_psnr"] = aux_logs["psnr"]
     return loss, logs, pred
 
 
