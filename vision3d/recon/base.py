@@ -47,7 +47,7 @@ class Reconstructor(nn.Module):
 
 _REGISTRY: dict[str, Callable[..., Reconstructor]] = {}
 # model files imported on first use of the registry (kept lazy so `import vision3d` stays light)
-_MODULES = ["ilrm", "zpressor", "volsplat", "vggt", "flashvggt", "dimer"]
+_MODULES = ["ilrm", "depthsplat", "zpressor", "volsplat", "vggt", "flashvggt", "dimer"]
 
 
 def register(name: str) -> Callable:
