@@ -41,7 +41,7 @@ Sparse convolutions follow MinkowskiEngine exactly (see :mod:`vision3d.layers.sp
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,10 @@ from vision3d.layers.sparse import (
     sparse_cat,
     weight_from_minkowski,
 )
+
+from .base import ReconOutput, Reconstructor, register
+from .depthsplat import VARIANTS as DEPTHSPLAT_VARIANTS
+from .depthsplat import DepthSplat, DepthSplatConfig, DepthSplatFeatures, convert_depthsplat_checkpoint
 
 # raw head output per voxel: opacity, offset xyz, scale xyz, quaternion xyzw, SH (3 x d_sh)
 OPACITY_PAD_LOGIT = -20.0
@@ -344,3 +348,135 @@ def convert_sparse_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
             value = weight_from_minkowski(value, k, transposed=".upconv." in key)
         out[new] = value
     return out
+
+
+def convert_volsplat_checkpoint(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The authors' weights (a Lightning ``.ckpt`` dict with ``state_dict``, its ``encoder.*`` keys, or a bare
+    ``EncoderVolSplat`` state dict) -> a :class:`VolSplat` state dict: the sparse U-Net and head through
+    :func:`convert_sparse_state`, the DepthSplat-style host (depth network, feature upsampler, 2-D Gaussian
+    regressor) through :func:`~vision3d.recon.depthsplat.convert_depthsplat_checkpoint` under ``host.``."""
+    if "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if any(k.startswith("encoder.") for k in state):
+        state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+    sparse = {k: v for k, v in state.items() if k.startswith(("spare_unet.", "gaussian_head."))}
+    rest = {k: v for k, v in state.items() if k not in sparse}
+    out = convert_sparse_state(sparse)
+    out.update({f"host.{k}": v for k, v in convert_depthsplat_checkpoint(rest).items()})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ model
+@dataclass
+class VolSplatConfig:
+    host: DepthSplatConfig = field(default_factory=DepthSplatConfig)
+    """The DepthSplat-style host (depth network, monocular branch, Gaussian-feature DPT and 2-D regressor);
+    its ``sh_degree``, ``scale_min`` and ``scale_max`` also set the voxel Gaussians'."""
+    voxel_size: float = 0.001
+    """Voxel side in world units (the authors' ``voxel_resolution``)."""
+    unet_blocks: int = 3
+    """Strided encoder levels of the sparse U-Net (bottleneck at stride 2^(unet_blocks+1))."""
+    unet_base_channels: int = 64
+    """Width of the first U-Net level (doubled per level; the authors hard-code 64)."""
+    unet_attention: bool = False
+    """Voxel self-attention in the U-Net bottleneck (off in the authors' model)."""
+    supervise_intermediate_depth: bool = True
+    """In training, also predict Gaussians from the host's coarse (intermediate) depth and supervise them
+    (needs a host with ``num_scales=2``; the authors' ``supervise_intermediate_depth``)."""
+    intermediate_loss_weight: float = 0.9
+    """Weight of the intermediate-depth rendering loss (the authors' ``intermediate_loss_weight``)."""
+    sparse_backend: str = "auto"
+    """Sparse convolution backend: auto (spconv on CUDA when installed) | torch | spconv."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.host, dict):
+            self.host = DepthSplatConfig(**self.host)
+        if not self.voxel_size > 0:
+            raise ValueError(f"VolSplatConfig: voxel_size must be > 0, got {self.voxel_size}")
+        if self.unet_blocks < 1 or self.unet_base_channels < 1:
+            raise ValueError(
+                f"VolSplatConfig: unet_blocks={self.unet_blocks} and unet_base_channels={self.unet_base_channels} must be >= 1"
+            )
+
+
+class VolSplat(Reconstructor):
+    """Posed context views -> one Gaussian per occupied voxel (batch [B], N = most voxels in the batch;
+    padding rows have opacity sigmoid(-20), ``extras['valid']`` marks the real ones), plus depth."""
+
+    render_kwargs = DepthSplat.render_kwargs
+
+    def __init__(self, cfg: VolSplatConfig | None = None, **overrides) -> None:
+        super().__init__()
+        cfg = cfg or VolSplatConfig()
+        host_over = overrides.pop("host", None)
+        host = cfg.host
+        if isinstance(host_over, DepthSplatConfig):
+            host = host_over
+        elif host_over:
+            host = replace(host, **host_over)
+        cfg = replace(cfg, host=host, **overrides)
+        self.cfg = cfg
+        self.host = DepthSplat(cfg.host)
+        del self.host.gaussian_head  # VolSplat predicts Gaussians from voxels, not pixels
+        h = cfg.host
+        channels = h.gaussian_regressor_channels + 3 + h.feature_dpt_features + 1  # the lifted per-pixel feature
+        self.adapter = AdapterConfig(h.sh_degree, h.scale_min, h.scale_max)
+        self.unet = SparseUNet(
+            channels, channels, cfg.unet_blocks, cfg.unet_base_channels, cfg.unet_attention, cfg.sparse_backend
+        )
+        self.head = SparseGaussianHead(channels, num_gaussian_channels(h.sh_degree), cfg.sparse_backend)
+        init_like_authors(self.head)
+
+    @property
+    def size_multiple(self) -> int:
+        return self.host.size_multiple
+
+    def predict(self, enc: DepthSplatFeatures, depth: Tensor) -> tuple[Gaussians, Voxels, Tensor]:
+        """Voxelise the host's lifted features with ``depth`` [B, V, 1, H, W]; sparse U-Net, head, adapter.
+
+        Returns the Gaussians (batch [B], padded), the voxels and ``valid`` [B, N].
+        """
+        vox = voxelize(enc.gaussian_features, depth, enc.cameras, self.cfg.voxel_size)
+        if vox.coords.shape[0] == 0:
+            raise ValueError("volsplat: no voxel to predict from: every depth is non-positive")
+        x = SparseTensor(vox.features, vox.coords)
+        y = self.unet(x)
+        raw = self.head(x.replace(y.features + x.features)).features  # [N, 38]
+        raw_b, valid = vox.to_batched(raw)
+        anchors, _ = vox.to_batched(vox.points)
+        colors, _ = vox.to_batched(vox.mean(enc.images))
+        return adapt_gaussians(raw_b, valid, anchors, colors, self.cfg.voxel_size, self.adapter), vox, valid
+
+    def forward(
+        self,
+        images: Tensor,  # [B, V, 3, H, W] in [0, 1]
+        cameras: Cameras,  # batch [B, V], OpenCV cam_to_world, K in pixels
+    ) -> ReconOutput:
+        enc = self.host.encode(images, cameras)
+        g, vox, valid = self.predict(enc, enc.depth)
+        aux = []
+        if self.training and self.cfg.supervise_intermediate_depth and enc.intermediate_depth is not None:
+            g_mid, _, _ = self.predict(enc, enc.intermediate_depth)
+            aux.append((self.cfg.intermediate_loss_weight, g_mid))
+        extras = dict(
+            valid=valid, num_gaussians=vox.batch_counts(), voxel_coords=vox.coords,
+            match_prob=enc.match_prob, view_indices=enc.view_indices,
+        )
+        return ReconOutput(gaussians=g, depth=enc.depth, confidence=enc.match_prob, extras=extras, aux_gaussians=aux)
+
+
+_HOSTS = {name: cfg for name, cfg in DEPTHSPLAT_VARIANTS.items()}
+VARIANTS: dict[str, VolSplatConfig] = {
+    # released: ViT-B host, two scales, upsample 2, lowest 1/4 (README); RE10K near 0.5 / far 100
+    "volsplat_re10k": VolSplatConfig(host=_HOSTS["depthsplat_base"]),
+    # ScanNet fine-tune: the same network, far 15
+    "volsplat_scannet": VolSplatConfig(host=replace(_HOSTS["depthsplat_base"], far=15.0)),
+    # tests and CPU runs: the tiny host with two scales (so the intermediate branch runs), 8-wide U-Net
+    "volsplat_tiny": VolSplatConfig(
+        host=replace(_HOSTS["depthsplat_tiny"], num_scales=2, upsample_factor=2, lowest_feature_resolution=4),
+        voxel_size=0.02, unet_blocks=2, unet_base_channels=8,
+    ),
+}
+
+for _name, _cfg in VARIANTS.items():
+    register(_name)(lambda _c=_cfg, **kw: VolSplat(_c, **kw))
