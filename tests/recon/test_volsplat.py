@@ -311,7 +311,7 @@ def test_tiny_volsplat_learns_beyond_mean_colour(tmp_path):
     from vision3d.data import ChunkDataset, ChunkDatasetConfig, EvaluationViewSampler
     from vision3d.data.synthetic import synthetic_scenes, write_synthetic_dataset
     from vision3d.eval.metrics import psnr
-    from vision3d.eval.protocol import evaluate
+    from vision3d.cli import eval as eval_cli
     from vision3d.train.config import DataConfig, OptimConfig, TrainConfig
     from vision3d.train.engine import train
 
@@ -322,7 +322,7 @@ def test_tiny_volsplat_learns_beyond_mean_colour(tmp_path):
     write_synthetic_dataset(root, "test", num_scenes=2, seed=2, **kw)
     index = {k: {"context": [2, 8], "target": [4, 5, 6]} for k, _ in synthetic_scenes(2, 2)}
     (root / "index.json").write_text(json.dumps(index))
-    test = ChunkDataset(
+    test = ChunkDataset(  # the held-out views, for the baseline
         ChunkDatasetConfig(roots=[root], split="test", image_shape=(size, size), near=NEAR, far=FAR),
         EvaluationViewSampler(root / "index.json"),
     )
@@ -340,9 +340,13 @@ def test_tiny_volsplat_learns_beyond_mean_colour(tmp_path):
         optim=OptimConfig(lr=2e-3, warmup_steps=10, max_steps=steps, weight_decay=0.0),
         log_every=10, ckpt_every=10_000, image_every=0,
     )
-    result = train(cfg)
-    after = evaluate(result.model, test, tmp_path / "after", lpips=False, progress=False, save_renders=False)
-    p1 = after.summary["mean_over_images"]["psnr"]
+    train(cfg)
+    # `vision3d eval` on the run folder: config, model and weights come back from disk
+    assert eval_cli.run(eval_cli.Args(
+        str(tmp_path / "run"), index=str(root / "index.json"), root=str(root), out=str(tmp_path / "eval"),
+        device="cpu", save_renders=False, lpips="off",
+    )) == 0
+    p1 = json.loads((tmp_path / "eval" / "metrics.json").read_text())["mean_over_images"]["psnr"]
     print(f"held-out PSNR {p1:.2f} dB after {steps} steps; mean-colour baseline {baseline:.2f} dB")
     assert p1 > baseline + margin, f"held-out PSNR {p1:.2f} dB is not {margin} dB above the mean-colour {baseline:.2f} dB"
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
