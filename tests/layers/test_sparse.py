@@ -223,6 +223,17 @@ def test_empty_set_and_errors():
         CoordinateCache(big).kernel_map(1, 1, 3)
 
 
+def test_autocast_mixed_dtypes():
+    """Under bf16 autocast the products come out in bf16; scatter, BN-free chains and fp32 features mix."""
+    coords = _grid(1, 4)
+    x = SparseTensor(torch.randn(len(coords), 3), coords)
+    a, b = SparseConv3d(3, 4, 3, 2, backend="torch"), SparseConv3d(4, 2, 3, 2, transposed=True, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = b(a(x))
+    assert y.features.dtype == torch.bfloat16 and y.features.shape == (len(coords), 2)
+    torch.testing.assert_close(y.features.float(), b(a(x)).features, atol=0.1, rtol=0.05)
+
+
 def _backend_pair(device: str):
     torch.manual_seed(0)
     g = _grid(2, 6)

@@ -226,16 +226,16 @@ def weight_to_minkowski(weight: Tensor, transposed: bool = False) -> Tensor:
 
 
 def _gemm_torch(x: Tensor, w: Tensor, kmap: KernelMap) -> Tensor:  # x [N_in, C_in], w [K, C_in, C_out]
-    out = x.new_zeros(kmap.num_out, w.shape[2])
     if kmap.in_idx.numel() == 0:
-        return out + 0.0 * w.sum()  # keep the graph for empty maps
+        return x.new_zeros(kmap.num_out, w.shape[2]) + 0.0 * w.sum()  # keep the graph for empty maps
     gathered = x.index_select(0, kmap.in_idx)  # [P, C_in]
     parts, start = [], 0
     for k, n in enumerate(kmap.counts):
         if n:
             parts.append(gathered[start : start + n] @ w[k])
             start += n
-    return out.index_add_(0, kmap.out_idx, torch.cat(parts, 0))
+    products = torch.cat(parts, 0)  # [P, C_out], in the autocast dtype when autocast is on
+    return products.new_zeros(kmap.num_out, w.shape[2]).index_add_(0, kmap.out_idx, products)
 
 
 def _gemm_spconv(x: Tensor, w: Tensor, kmap: KernelMap) -> Tensor:  # same contract as _gemm_torch
@@ -244,8 +244,9 @@ def _gemm_spconv(x: Tensor, w: Tensor, kmap: KernelMap) -> Tensor:  # same contr
     from spconv.pytorch.functional import SparseConvFunction
 
     pairs, num = kmap.spconv_pairs()
-    filters = w.permute(2, 0, 1).contiguous()  # [C_out, K, C_in] (spconv's KRSC)
-    return SparseConvFunction.apply(x.contiguous(), filters, pairs, num, kmap.num_out, ConvAlgo.Native)
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    filters = w.permute(2, 0, 1).to(dtype).contiguous()  # [C_out, K, C_in] (spconv's KRSC)
+    return SparseConvFunction.apply(x.to(dtype).contiguous(), filters, pairs, num, kmap.num_out, ConvAlgo.Native)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
