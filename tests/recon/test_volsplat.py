@@ -224,6 +224,23 @@ def test_model_outputs_one_gaussian_per_voxel(tiny):
     assert rgb.min() >= 0 and rgb.max() <= 1
 
 
+@pytest.mark.parametrize("kw", [
+    dict(unet_attention=True, unet_blocks=1),
+    dict(unet_blocks=3, host=dict(sh_degree=0)),
+    dict(host=dict(num_scales=1, upsample_factor=4, lowest_feature_resolution=4, sh_degree=1)),
+])
+def test_configurations_the_authors_accept(kw):
+    """Attention bottleneck, U-Net depth, SH degree, one-scale host (then no intermediate depth)."""
+    torch.manual_seed(0)
+    m = recon.create("volsplat_tiny", voxel_size=0.05, sparse_backend="torch", **kw).train()
+    images, cams = _views(B=2)
+    out = m(images, cams)
+    d = m.cfg.host.sh_degree
+    assert out.gaussians.sh.shape[-2] == (d + 1) ** 2
+    assert len(out.aux_gaussians) == (1 if m.cfg.host.num_scales > 1 else 0)
+    assert torch.isfinite(out.gaussians.means).all()
+
+
 def test_no_valid_depth_is_a_clear_error(tiny):
     images, cams = _views()
     tiny.eval()
