@@ -302,6 +302,18 @@ def test_checkpoint_converter_round_trip(tiny):
         convert_volsplat_checkpoint({"encoder.mystery.weight": torch.zeros(1)})
 
 
+def test_vision3d_convert_volsplat(tiny, tmp_path):
+    from safetensors.torch import load_file as load_st
+
+    from vision3d.cli import convert
+
+    src = tmp_path / "volsplat.ckpt"
+    torch.save(_to_authors_layout(tiny.state_dict()), src)
+    assert convert.run(convert.Args("volsplat", str(src), str(tmp_path / "v.safetensors"))) == 0
+    m = recon.create("volsplat_tiny", voxel_size=0.05)
+    m.load_state_dict(load_st(str(tmp_path / "v.safetensors")), strict=True)
+
+
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.skipif(not available("spconv.pytorch"), reason="spconv not installed")

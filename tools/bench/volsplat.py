@@ -10,7 +10,7 @@ The voxel count depends on where the depth puts the pixels, and random weights g
 depth; by default (``--depth gt``) VolSplat voxelises the procedural scene's rendered depth
 (``rasterize`` expected depth), so the counts are those of a real surface; ``--depth pred`` uses
 the host's own (random-weight) depth. Voxel sizes are in world units; the synthetic scenes sit
-2-5 units from the cameras, about 0.04 units per pixel at 64x64 and 55 degrees field of view.
+2-5 units from the cameras, about 0.05 units per pixel at 64x64 and 55 degrees field of view.
 
 CPU (default): ``volsplat_tiny`` / ``depthsplat_tiny``-sized host at 64x64, views 2 4 6, voxel
 sizes 0.01 0.02 0.05 0.1, the PyTorch sparse convolution. GPU (``--gpu``): the released
