@@ -17,6 +17,8 @@ Splatting and Depth", arXiv 2410.13862; github.com/cvg/depthsplat @ 2dad25a, MIT
 
 A pixel whose reprojection leaves every source image for every candidate (views without overlap)
 gets a cost of exactly zero: no matching evidence, which downstream layers see as a flat cost.
+Points behind a source camera are handled as the authors do (projected depth clamped to ``1e-3``,
+which sends them far outside the image in practice), so trained weights see the same volumes.
 """
 
 from __future__ import annotations

@@ -122,14 +122,20 @@ class BackboneFeatures(nn.Module):
             kwargs["features_only"] = True
         try:
             try:
-                return timm.create_model(name, dynamic_img_size=True, **kwargs)
+                model = timm.create_model(name, dynamic_img_size=True, **kwargs)
             except TypeError:
-                return timm.create_model(name, **kwargs)
+                model = timm.create_model(name, **kwargs)
         except (RuntimeError, TypeError, AttributeError, NotImplementedError, AssertionError) as e:
             raise ValueError(
                 f"backbone {name!r}: timm cannot build it with features_only=True ({type(e).__name__}: {e}); "
                 "pick a model with feature extraction (timm.list_models() names with feature_info)"
             ) from e
+        if features_only and not hasattr(model, "feature_info"):
+            raise ValueError(
+                f"backbone {name!r}: timm built a {type(model).__name__} without feature_info, i.e. not a "
+                "features_only feature extractor; pick a model with feature extraction"
+            )
+        return model
 
     def forward(self, x: Tensor) -> list[Tensor]:  # x [N, 3, H, W] normalised
         H, W = x.shape[-2:]

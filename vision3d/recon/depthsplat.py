@@ -51,9 +51,13 @@ Note: the authors' encoder never passes its ``num_depth_candidates`` option on; 
 always uses 128. Image sides must be multiples of :attr:`DepthSplat.size_multiple` (the authors crop
 RE10K/DL3DV to multiples of 16/32 in their data shim).
 
-With a ZPressor (``zpressor=ZPressorConfig(...)``, arXiv 2505.23734, ziplab/ZPressor) the context
-views are compressed to ``num_anchors`` anchor views on the transformer features, as in the
-ZPressor authors' DepthSplat host; Gaussians then come from the anchor views only.
+With a ZPressor (``zpressor=ZPressorConfig(...)``, arXiv 2505.23734, ziplab/ZPressor @ eb7fe82,
+``depthsplat/src/model/encoder/unimatch/mv_unimatch.py``) the position-encoded CNN features of all
+context views are compressed onto ``min(num_anchors, V)`` anchor views before the multi-view
+transformer, as in the ZPressor authors' DepthSplat host; the anchors' own CNN features, images and
+cameras go on, the transformer and cost volumes match every other anchor, and Gaussians come from
+the anchor views only (``view_indices``). Their warm-up option ``apply_cluster_steps`` (anchors
+without compression early in training) is not reproduced; the released setting is 0.
 """
 
 from __future__ import annotations
@@ -440,8 +444,12 @@ class DepthSplat(Reconstructor):
         if cfg.zpressor is not None:
             from .zpressor import ZPressor
 
-            z = cfg.zpressor
-            self.zpressor = ZPressor(embed_dim=C, num_heads=z.num_heads, num_layers=z.num_layers, no_self_attn=z.no_self_attn)
+            if cfg.zpressor.embed_dim != C:
+                raise ValueError(
+                    f"DepthSplatConfig.zpressor.embed_dim={cfg.zpressor.embed_dim} must equal feature_channels={C} "
+                    "(ZPressor compresses the host's CNN features)"
+                )
+            self.zpressor = ZPressor.from_config(cfg.zpressor)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -496,10 +504,23 @@ class DepthSplat(Reconstructor):
         c2w = cameras.cam_to_world
         view_idx = torch.arange(V, device=images.device).expand(B, V)
         f0 = add_window_position(cnn_low[0], cfg.attn_splits)
-        sources = self._sources(c2w, B, V)
+        if self.zpressor is not None:
+            # ZPressor (ziplab/ZPressor's DepthSplat host): compress the position-encoded CNN features of
+            # all views onto the anchor views; everything after runs on the anchors only
+            K = min(cfg.zpressor.num_anchors, V)
+            f0, anchor = self.zpressor(f0.unflatten(0, (B, V)), c2w, K)
+            bi = torch.arange(B, device=images.device)[:, None]
+            images = images[bi, anchor]
+            x = x.unflatten(0, (B, V))[bi, anchor].flatten(0, 1)
+            cnn = [c.unflatten(0, (B, V))[bi, anchor].flatten(0, 1) for c in cnn]
+            cameras = Cameras(
+                cameras.K[bi, anchor], c2w[bi, anchor], cameras.width, cameras.height, cameras.near, cameras.far
+            )
+            f0, view_idx, V = f0.flatten(0, 1), anchor, K
+            sources = all_other_views(B, V, images.device)  # the ZPressor host matches all anchors
+        else:
+            sources = self._sources(c2w, B, V)
         mv = self.transformer(f0.unflatten(0, (B, V)), sources, cfg.attn_splits).flatten(0, 1)
-        if self.zpressor is not None and cfg.zpressor.num_anchors < V:
-            return self._encode_anchors(images, cameras, mv)
         mono = self._mono(x, H, W)
         return self._depth_and_features(images, cameras, cnn, mv, mono, sources, view_idx)
 
@@ -511,21 +532,6 @@ class DepthSplat(Reconstructor):
     def _mono(self, x: Tensor, H: int, W: int) -> list[Tensor]:
         feats = self.mono(x)
         return [_interp(f, size=(H // 8, W // 8)) for f in feats]
-
-    def _encode_anchors(self, images: Tensor, cameras: Cameras, mv: Tensor) -> DepthSplatFeatures:
-        """ZPressor: compress the transformer features of all views to the anchor views, then run
-        the depth network and the Gaussian branch on the anchors only."""
-        B, V = images.shape[:2]
-        feats, anchor = self.zpressor(mv.unflatten(0, (B, V)), cameras.cam_to_world, self.cfg.zpressor.num_anchors)
-        K = anchor.shape[1]
-        bi = torch.arange(B, device=images.device)[:, None]
-        images_a = images[bi, anchor]
-        cams_a = Cameras(cameras.K[bi, anchor], cameras.cam_to_world[bi, anchor], cameras.width, cameras.height, cameras.near, cameras.far)
-        x = ((images_a - self.img_mean) / self.img_std).flatten(0, 1)
-        cnn = self.cnn(x)
-        sources = self._sources(cams_a.cam_to_world, B, K)
-        mono = self._mono(x, images.shape[-2], images.shape[-1])
-        return self._depth_and_features(images_a, cams_a, cnn, feats.flatten(0, 1), mono, sources, anchor)
 
     def _depth_and_features(self, images, cameras, cnn, mv, mono, sources, view_idx) -> DepthSplatFeatures:
         cfg = self.cfg
@@ -678,7 +684,6 @@ def _rotate_sh_per_view(sh: Tensor, R: Tensor) -> Tensor:  # sh [B, V, ..., d_sh
 _PREFIXES = [
     ("depth_predictor.backbone.", "cnn."),
     ("depth_predictor.pretrained.", "mono.model.model."),
-    ("depth_predictor.zipmatch.", "zpressor."),
     ("depth_predictor.transformer.", "transformer."),
     ("depth_predictor.mv_pyramid.", "mv_pyramid."),
     ("depth_predictor.mono_pyramid.", "mono_pyramid."),
@@ -703,8 +708,14 @@ def convert_depthsplat_checkpoint(state: dict[str, Tensor]) -> dict[str, Tensor]
     if any(k.startswith("encoder.") for k in state):
         state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
     out: dict[str, Tensor] = {}
+    zip_prefix = "depth_predictor.zipmatch."
+    zipmatch = {k: v for k, v in state.items() if k.startswith(zip_prefix)}
+    if zipmatch:  # the ZPressor sub-tree has its own layout and converter
+        from .zpressor import convert_zpressor_state
+
+        out.update({f"zpressor.{k}": v for k, v in convert_zpressor_state(zipmatch, prefix=zip_prefix).items()})
     for key, value in state.items():
-        if any(re.match(p, key) for p in _DROPPED):
+        if any(re.match(p, key) for p in _DROPPED) or key.startswith(zip_prefix):
             continue
         for old, new in _PREFIXES:
             if key.startswith(old):
