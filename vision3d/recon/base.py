@@ -27,6 +27,8 @@ class ReconOutput:
     confidence: Tensor | None = None  # [B, V, 1, H, W]
     cameras: Cameras | None = None  # predicted cameras (pose estimators), batch [B, V]
     extras: dict[str, Tensor] = field(default_factory=dict)  # model-specific auxiliaries
+    # extra predictions supervised in training like `gaussians`, each as (loss weight, Gaussians batch [B])
+    aux_gaussians: list[tuple[float, Gaussians]] = field(default_factory=list)
 
 
 class Reconstructor(nn.Module):

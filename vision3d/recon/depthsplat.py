@@ -210,6 +210,9 @@ class DepthSplatFeatures:
     view_indices: Tensor  # [B, V] long: indices into the input views of the views kept
     images: Tensor  # [B, V, 3, H, W] in [0, 1] of the views kept
     cameras: Cameras  # batch [B, V] of the views kept
+    # [B, V, 1, H, W] z-depth of the coarsest scale, its inverse bilinearly upsampled (align_corners) to the
+    # image size: the authors' intermediate depth_preds[0] (num_scales > 1 only, else None); VolSplat supervises it
+    intermediate_depth: Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------- blocks
@@ -571,6 +574,8 @@ class DepthSplat(Reconstructor):
             out = r[4](r[3](r[2](r[1](r[0](cat))), num_views=V)) + self.regressor_residual[i](cat)
             prob = self.depth_head[i](out).softmax(1)  # [B*V, D, h, w]
             inv = (prob * cand).sum(1, keepdim=True)
+            if i == 0 and S > 1:
+                inv_coarse = F.interpolate(inv, scale_factor=factor, mode="bilinear", align_corners=True)
         mv_hi = mv_list[::-1]
         residual = self.upsampler(mono, cnn, mv_hi, inv)
         inv_full = (_interp(inv, scale=cfg.upsample_factor) + residual).clamp(
@@ -592,6 +597,7 @@ class DepthSplat(Reconstructor):
             view_indices=view_idx,
             images=images,
             cameras=cameras,
+            intermediate_depth=(1.0 / inv_coarse).unflatten(0, (B, V)) if S > 1 else None,
         )
 
     # ------------------------------------------------------------------ Gaussians

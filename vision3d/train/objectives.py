@@ -252,6 +252,10 @@ class RenderObjective(Objective):
             out = model(batch.context_images, batch.context_cameras)
         pred = render_views(model, out.gaussians, batch.target_cameras)
         loss, logs = self(pred, batch.target_images, out.gaussians, step)
+        for i, (weight, g) in enumerate(out.aux_gaussians):  # e.g. VolSplat's intermediate-depth Gaussians
+            aux, aux_logs = self(render_views(model, g, batch.target_cameras), batch.target_images, g, step)
+            loss = loss + weight * aux
+            logs[f"aux{i}_psnr"] = aux_logs["psnr"]
         preview = torch.cat([pred[0].detach().float(), batch.target_images[0].float()], -1)  # [V, 3, H, 2W]
         return StepResult(loss, logs, preview)
 
