@@ -37,17 +37,19 @@ def test_a_pattern_that_matches_nothing_is_refused():
         param_groups(_Net(), 0.01, {"backbone.*": 0.1})
 
 
-@pytest.mark.parametrize("preset", ["configs/re10k/depthsplat.yaml", "configs/dl3dv/depthsplat.yaml",
-                                    "configs/re10k/depthsplat_zpressor.yaml"])
-def test_depthsplat_presets_scale_the_vit_of_their_model(preset):
+@pytest.mark.parametrize("preset,prefix", [
+    ("configs/re10k/depthsplat.yaml", "mono.model."), ("configs/dl3dv/depthsplat.yaml", "mono.model."),
+    ("configs/re10k/depthsplat_zpressor.yaml", "mono.model."), ("configs/re10k/volsplat.yaml", "host.mono.model."),
+    ("configs/scannet/volsplat.yaml", "host.mono.model.")])
+def test_host_presets_scale_the_vit_of_their_model(preset, prefix):
     from pathlib import Path
 
     from vision3d import recon
 
     cfg = load_config(Path(__file__).resolve().parents[2] / preset)
-    assert cfg.optim.lr_scale == {"mono.model.*": 0.01}
+    assert cfg.optim.lr_scale == {prefix + "*": 0.01}
     with torch.device("meta"):
         model = recon.create(cfg.model, **cfg.model_kwargs)
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.lr_scale)
-    vit = {id(p) for n, p in model.named_parameters() if n.startswith("mono.model.")}
+    vit = {id(p) for n, p in model.named_parameters() if n.startswith(prefix)}
     assert vit and all((g["lr_scale"] == 0.01) == (id(g["params"][0]) in vit) for g in groups)
