@@ -24,6 +24,8 @@ CONVERTERS: dict[str, tuple[str, str, str]] = {
     "ilrm": ("vision3d.recon.ilrm", "convert_ilrm_checkpoint", "Gynjn/iLRM Lightning .ckpt (encoder.scaler.*)"),
     "vggt": ("vision3d.recon.vggt", "convert_vggt_checkpoint", "facebookresearch/vggt model.pt (aggregator/camera/depth/point heads)"),
     "flashvggt": ("vision3d.recon.flashvggt", "convert_flashvggt_checkpoint", "ZipW/FlashVGGT flashvggt.pt (VGGT layout)"),
+    "depthsplat": ("vision3d.recon.depthsplat", "convert_depthsplat_checkpoint", "cvg/depthsplat Lightning .ckpt (encoder.depth_predictor.*, encoder.gaussian_head.*; ZPressor hosts: depth_predictor.zipmatch.*)"),
+    "volsplat": ("vision3d.recon.volsplat", "convert_volsplat_checkpoint", "ziplab/VolSplat Lightning .ckpt (encoder.*, MinkowskiEngine sparse U-Net)"),
     "dimer": ("vision3d.recon.dimer", "convert_dimer_checkpoint", "lutao2021/DiMeR geometry or texture .ckpt (lrm_generator.*)"),
 }
 

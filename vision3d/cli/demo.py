@@ -15,7 +15,8 @@ No arguments, no downloads. Steps:
 4. fit it to the training views with :func:`vision3d.train.scene_fit.fit_scene` (3DGS recipe,
    Adam with per-parameter learning rates, decayed position rate);
 5. evaluate on the held-out views (PSNR and SSIM from :mod:`vision3d.eval.metrics`) and write the
-   run folder ``--out``: ``scene.ply``, ``renders/test_XX.png`` (fitted render | ground truth |
+   run folder ``--out``: ``scene.ply``, ``images/`` and ``cameras/`` (as ``vision3d reconstruct``
+   writes them: every run folder opens the same way in ``vision3d view``), ``renders/test_XX.png`` (fitted render | ground truth |
    5x absolute error), ``metrics.json``, ``config.yaml`` (the resolved config; load it back with
    :func:`load_config`) and ``video.mp4`` (an orbit of the fitted scene).
 """
@@ -235,6 +236,9 @@ def run_demo(args: Args) -> dict:
     import yaml
 
     from vision3d.eval.metrics import psnr, ssim
+    from vision3d.geometry import Cameras
+    from vision3d.poses.base import PoseResult
+    from vision3d.train.reconstruct import _write_posed
     from vision3d.gaussians.ply import save_ply
     from vision3d.gaussians.procedural import hemisphere_cameras, orbit_cameras, procedural_scene
     from vision3d.render import rasterize
@@ -305,8 +309,12 @@ def run_demo(args: Args) -> dict:
     p_init = psnr(init_pred, test_images).cpu()
     t_eval = time.perf_counter() - t0
 
-    # run folder
+    # run folder (images/ and cameras/ written as reconstruct writes them, so every run folder views the same way)
     save_ply(out / "scene.ply", fitted.to("cpu"))
+    names = [f"train_{i:02d}.png" for i in range(args.train_views)] + [f"test_{i:02d}.png" for i in range(args.test_views)]
+    posed = PoseResult(torch.cat([train_images, test_images]).cpu(), names,
+                       Cameras.cat([train_cams.to("cpu"), test_cams.to("cpu")]), info={"estimator": "known (demo rig)"})
+    _write_posed(out, posed, False)
     (out / "renders").mkdir(exist_ok=True)
     for i in range(pred.shape[0]):
         save_png(out / "renders" / f"test_{i:02d}.png", _side_by_side(pred[i].cpu(), test_images[i].cpu()))
@@ -332,6 +340,8 @@ def run_demo(args: Args) -> dict:
             "ssim": [round(float(x), 5) for x in s],
             "psnr_mean": float(p.mean()),
             "ssim_mean": float(s.mean()),
+            "views": [{"image": names[args.train_views + i], "psnr": float(p[i]), "ssim": float(s[i])}
+                      for i in range(len(p))],
         },
         "train": {"psnr_mean": float(p_train.mean())},
         "init": {"test_psnr_mean": float(p_init.mean()), "num_gaussians": init.num, "method": "rgbd-unprojection"},

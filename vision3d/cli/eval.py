@@ -7,6 +7,12 @@ Example:
 The index files are the ones pixelSplat / MVSplat / DepthSplat publish in their ``assets/`` folders
 (``evaluation_index_re10k.json``, ``evaluation_index_acid.json``, DL3DV's from DepthSplat); they are
 not shipped with vision3d.
+
+Models that predict cameras (VGGT, FlashVGGT: the ``geometry`` protocol of their training recipe)
+are scored on the listed frames (context then target, one sequence per scene) with the camera
+metrics of the VGGT paper (AUC@30 over all view pairs, RRA/RTA@30, mean relative rotation and
+translation angle errors) and, where the data has depth, AbsRel and delta<1.25 after median
+scaling (:mod:`vision3d.eval.geometry`).
 """
 
 from __future__ import annotations
@@ -52,7 +58,14 @@ def run(args: Args) -> int:
     from vision3d.eval.protocol import evaluate, load_model_for_eval
     from vision3d.train.distributed import resolve_device
 
+    from vision3d.train.objectives import NotTrainable, recipe_for
+
     model, cfg = load_model_for_eval(args.ckpt, args.model, args.weights)
+    name = args.model or cfg.model
+    try:
+        protocol = recipe_for(name).evaluation
+    except NotTrainable:
+        protocol = "render"
     shape = args.image_shape or (tuple(cfg.data.image_shape) if cfg is not None else (256, 256))
     near, far = (1.0, 100.0) if args.dataset == "re10k" else (0.5, 200.0)
     if cfg is not None:
@@ -61,8 +74,21 @@ def run(args: Args) -> int:
         ChunkDatasetConfig(roots=[args.root], split="test", image_shape=shape, near=near, far=far),
         EvaluationViewSampler(args.index),
     )
+    if cfg is not None:  # evaluate in the world frame the model was trained in (data.scene_transform)
+        from vision3d.data.transforms import with_scene_transform
+
+        ds = with_scene_transform(ds, getattr(cfg.data, "scene_transform", "none"))
     ck = Path(args.ckpt)
     out = args.out or str((ck if ck.is_dir() else ck.parent) / "eval")
+    if protocol == "geometry":
+        from vision3d.eval.geometry import evaluate_geometry
+
+        res = evaluate_geometry(model, ds, out, resolve_device(args.device), args.limit)
+        m = res["summary"]
+        shown = [k for k in ("auc30", "rra30", "rta30", "rre_deg", "rte_deg", "abs_rel", "delta1") if k in m]
+        print(f"{m['scenes']} scenes, {m['pairs']} view pairs: " + ", ".join(f"{k} {m[k]:.4f}" for k in shown)
+              + f" -> {res['out_dir']}")
+        return 0
     lp = {"auto": "auto", "require": True, "off": False}[args.lpips]
     res = evaluate(model, ds, out, resolve_device(args.device), args.save_renders, lp, args.limit)
     m = res.summary["mean_over_images"]

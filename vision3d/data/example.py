@@ -40,16 +40,21 @@ class ViewsExample:
     epoch: int = 0  # epoch of the sampler that asked for this example
     position: int = -1  # position in the sampler's per-rank stream (for resuming), -1 if unknown
     skipped: int = 0  # bad scenes skipped (skip_bad=True) to produce this example
+    context_depths: Tensor | None = None  # [Vc, 1, H, W] float32 camera z-depth (world units), 0 = unknown
+    target_depths: Tensor | None = None  # [Vt, 1, H, W] float32, 0 = unknown
 
     def __post_init__(self) -> None:
-        for name, imgs, cams, idx in (
-            ("context", self.context_images, self.context_cameras, self.context_indices),
-            ("target", self.target_images, self.target_cameras, self.target_indices),
+        for name, imgs, cams, idx, depth in (
+            ("context", self.context_images, self.context_cameras, self.context_indices, self.context_depths),
+            ("target", self.target_images, self.target_cameras, self.target_indices, self.target_depths),
         ):
             cams.check_images(imgs, f"{self.scene}: {name}_images / {name}_cameras")
             v = imgs.shape[0]
             if idx.shape != (v,):
                 raise ValueError(f"{self.scene}: {name}_indices must be [{v}], got {tuple(idx.shape)}")
+            if depth is not None and tuple(depth.shape) != (v, 1, *imgs.shape[-2:]):
+                raise ValueError(f"{self.scene}: {name}_depths must be [{v}, 1, {imgs.shape[-2]}, {imgs.shape[-1]}], "
+                                 f"got {tuple(depth.shape)}")
 
 
 @dataclass
@@ -69,6 +74,8 @@ class ViewsBatch:
     epochs: Tensor  # [B] int64
     positions: Tensor  # [B] int64
     skipped: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))  # [B] int64
+    context_depths: Tensor | None = None  # [B, Vc, 1, H, W] z-depth, 0 = unknown (None: the data has no depth)
+    target_depths: Tensor | None = None  # [B, Vt, 1, H, W]
 
     def __len__(self) -> int:
         return len(self.scenes)
@@ -129,6 +136,17 @@ def collate_views(examples: Sequence[ViewsExample]) -> ViewsBatch:
                 )
     near = torch.tensor([float(e.near) for e in examples], dtype=torch.float32)
     far = torch.tensor([float(e.far) for e in examples], dtype=torch.float32)
+
+    def depths(name: str) -> Tensor | None:
+        have = [getattr(e, name) is not None for e in examples]
+        if not any(have):
+            return None
+        if not all(have):
+            missing = [e.scene for e, h in zip(examples, have) if not h]
+            raise ValueError(f"collate_views: {name} are missing for {missing[:3]} but present for other examples "
+                             "of the batch; use data whose scenes all carry depth, or none")
+        return torch.stack([getattr(e, name) for e in examples])
+
     return ViewsBatch(
         scenes=[e.scene for e in examples],
         context_images=torch.stack([e.context_images for e in examples]),
@@ -143,4 +161,6 @@ def collate_views(examples: Sequence[ViewsExample]) -> ViewsBatch:
         epochs=torch.tensor([int(e.epoch) for e in examples], dtype=torch.int64),
         positions=torch.tensor([int(e.position) for e in examples], dtype=torch.int64),
         skipped=torch.tensor([int(e.skipped) for e in examples], dtype=torch.int64),
+        context_depths=depths("context_depths"),
+        target_depths=depths("target_depths"),
     )

@@ -169,13 +169,34 @@ def resize_and_center_crop(
     if shape is None or tuple(shape) == (h, w):
         return images.float() / 255.0, cameras
     h_out, w_out = int(shape[0]), int(shape[1])
-    s = max(h_out / h, w_out / w)
-    h_s, w_s = max(h_out, round(h * s)), max(w_out, round(w * s))
+    h_s, w_s, top, left = _resize_crop_box(h, w, h_out, w_out)
     resized = images.float() / 255.0 if (h_s, w_s) == (h, w) else _resize_uint8(images, h_s, w_s, resample)
-    top, left = (h_s - h_out) // 2, (w_s - w_out) // 2
     out = resized[..., top : top + h_out, left : left + w_out].contiguous()
     cams = None if cameras is None else cameras.resize(w_s, h_s).crop(left, top, w_out, h_out)
     return out, cams
+
+
+def _resize_crop_box(h: int, w: int, h_out: int, w_out: int) -> tuple[int, int, int, int]:
+    """(resized height, resized width, crop top, crop left) of the resize-then-centre-crop."""
+    s = max(h_out / h, w_out / w)
+    h_s, w_s = max(h_out, round(h * s)), max(w_out, round(w * s))
+    return h_s, w_s, (h_s - h_out) // 2, (w_s - w_out) // 2
+
+
+def resize_and_center_crop_depth(
+    depths: Tensor,  # [V, 1, H, W] z-depth, 0 = unknown
+    shape: tuple[int, int] | None,  # (H_out, W_out); None keeps the size
+) -> Tensor:  # [V, 1, H_out, W_out] float32
+    """The same resize-then-centre-crop as :func:`resize_and_center_crop`, for depth maps: nearest
+    neighbour resampling, so no depth is invented between a surface and the unknown (0) background."""
+    depths = depths.float()
+    if shape is None or tuple(shape) == tuple(depths.shape[-2:]):
+        return depths
+    h, w = depths.shape[-2:]
+    h_out, w_out = int(shape[0]), int(shape[1])
+    h_s, w_s, top, left = _resize_crop_box(h, w, h_out, w_out)
+    resized = depths if (h_s, w_s) == (h, w) else torch.nn.functional.interpolate(depths, size=(h_s, w_s), mode="nearest-exact")
+    return resized[..., top : top + h_out, left : left + w_out].contiguous()
 
 
 def normalize_scene_scale(

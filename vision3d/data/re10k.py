@@ -18,6 +18,9 @@ and each example is a dict::
                                    3x4 world-to-camera matrix (OpenCV axes), row-major
     "images":     list of V uint8 1-D tensors, each an encoded image (JPEG; DL3DV chunks may
                                    hold PNG bytes)
+    "depths":     optional float16 [V, H, W] camera z-depth in world units at the stored image
+                                   size, 0 where unknown (a vision3d extension: the synthetic
+                                   data carries it; the published RE10K/DL3DV chunks do not)
 
 Camera rows are converted by :func:`vision3d.geometry.conventions.cameras_from_re10k` (and back by
 ``cameras_to_re10k``), never here. Images are decoded lazily, only for the sampled views.
@@ -57,6 +60,7 @@ from .preprocess import (
     hflip,
     normalize_scene_scale,
     resize_and_center_crop,
+    resize_and_center_crop_depth,
 )
 from .samplers import BoundedViewSampler, NotEnoughViews, SampleKey, SceneSkipped
 
@@ -141,6 +145,11 @@ def validate_example(ex: Any, where: str) -> dict:
                 f"{where}: scene {key}: 'images'[{i}] must be encoded bytes as a 1-D uint8 tensor, got {got}",
                 path=where, field=f"images[{i}]", expected="a 1-D uint8 tensor", got=got,
             )
+    depths = ex.get("depths")
+    if depths is not None and (not isinstance(depths, Tensor) or depths.ndim != 3 or depths.shape[0] != v
+                               or not depths.is_floating_point()):
+        raise BadSceneError(f"{where}: scene {key}: optional 'depths' must be a float tensor [{v}, H, W] (z-depth, "
+                            f"0 = unknown), got {getattr(depths, 'shape', type(depths).__name__)}", path=where, field="depths")
     return ex
 
 
@@ -186,6 +195,8 @@ def write_chunk(path: str | os.PathLike, examples: Sequence[dict]) -> Path:
                 "images": [im.to(torch.uint8).contiguous() for im in ex["images"]],
             }
         )
+        if ex.get("depths") is not None:
+            out[-1]["depths"] = ex["depths"].to(torch.float16).contiguous()
     with atomic_path(p) as tmp:
         torch.save(out, tmp)
     return p
@@ -383,8 +394,18 @@ class ChunkDataset(torch.utils.data.Dataset):
             cams = cameras_from_re10k(rows[indices].float(), w, h)
             return stack, cams
 
+        def load_depth(indices: Tensor, images: Tensor, what: str) -> Tensor | None:
+            if rec.get("depths") is None:
+                return None
+            d = rec["depths"][indices].float()[:, None]  # [V, 1, h, w]
+            if d.shape[-2:] != images.shape[-2:]:
+                raise BadSceneError(f"{where}: {what} depth maps are {tuple(d.shape[-2:])}, images "
+                                    f"{tuple(images.shape[-2:])}; depths must have the stored image size")
+            return resize_and_center_crop_depth(d, self.cfg.image_shape)
+
         c_img, c_cam = load(ctx, "context")
         t_img, t_cam = load(tgt, "target")
+        c_dep, t_dep = load_depth(ctx, c_img, "context"), load_depth(tgt, t_img, "target")
         if self.cfg.max_fov is not None:
             fov = torch.cat([c_cam.fov, t_cam.fov]).rad2deg()
             if (fov > self.cfg.max_fov).any():
@@ -402,9 +423,11 @@ class ChunkDataset(torch.utils.data.Dataset):
                 epsilon=self.cfg.baseline_epsilon,
                 where=where,
             )
+            c_dep, t_dep = [None if d is None else d / scale for d in (c_dep, t_dep)]
         if self.cfg.hflip_prob > 0 and float(torch.rand((), generator=g)) < self.cfg.hflip_prob:
             c_img, c_cam = hflip(c_img, c_cam)
             t_img, t_cam = hflip(t_img, t_cam)
+            c_dep, t_dep = [None if d is None else d.flip(-1) for d in (c_dep, t_dep)]
         if self.cfg.color_jitter.enabled:
             both = self.cfg.color_jitter(torch.cat([c_img, t_img]), g)
             c_img, t_img = both[: len(c_img)], both[len(c_img) :]
@@ -422,6 +445,8 @@ class ChunkDataset(torch.utils.data.Dataset):
             epoch=key.epoch,
             position=key.position,
             skipped=skipped,
+            context_depths=c_dep,
+            target_depths=t_dep,
         )
 
     def scene_views(self, key: str) -> tuple[Tensor, Cameras]:

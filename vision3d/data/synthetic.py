@@ -7,7 +7,10 @@ that moves along an arc around it like a hand-held video (``num_views`` frames o
 published chunk layout. Tests, CI and the demo therefore exercise the real loaders, samplers and
 conventions end to end without downloads. ``render_scale < 1`` renders at a lower resolution and
 upsamples (cameras are those of the stored size), which keeps CPU generation cheap for
-benchmarks of the loader. Written for vision3d (Apache-2.0).
+benchmarks of the loader. Each record also carries ``depths`` (float16 ``[V, H, W]``): the
+rendered expected z-depth where the accumulated opacity is at least ``DEPTH_MIN_ALPHA``, 0 (unknown)
+elsewhere, so depth and point-map losses (VGGT) and depth metrics can be exercised too.
+Written for vision3d (Apache-2.0).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from vision3d.geometry.conventions import cameras_to_re10k
 
 from .preprocess import encode_jpeg
 from .re10k import write_chunk, write_index
+
+DEPTH_MIN_ALPHA = 0.5
+"""Pixels whose accumulated opacity is below this get depth 0 (unknown): mostly background."""
 
 __all__ = ["synthetic_scenes", "synthetic_cameras", "render_synthetic_scene", "synthetic_example", "write_synthetic_dataset"]
 
@@ -71,8 +77,10 @@ def render_synthetic_scene(
     density: float = 0.25,
     render_scale: float = 1.0,
     background: float = 1.0,
-) -> tuple[Tensor, Cameras]:  # [V, 3, H, W] float in [0, 1], batch [V]
-    """Render one procedural scene along its camera path."""
+    with_depth: bool = False,
+) -> tuple[Tensor, Cameras] | tuple[Tensor, Cameras, Tensor]:  # [V, 3, H, W] in [0, 1], batch [V] (, [V, 1, H, W])
+    """Render one procedural scene along its camera path (and, with ``with_depth``, its z-depth
+    ``[V, 1, H, W]``, 0 where the opacity is below ``DEPTH_MIN_ALPHA``)."""
     from vision3d.gaussians.procedural import procedural_scene
     from vision3d.render import rasterize
 
@@ -82,22 +90,29 @@ def render_synthetic_scene(
     rcams = cams if (rw, rh) == (width, height) else cams.resize(rw, rh)
     bg = torch.full((3,), float(background))
     with torch.no_grad():
-        out = rasterize(scene.gaussians, rcams, mode="RGB", background=bg, backend="torch", near_plane=0.05)
+        out = rasterize(scene.gaussians, rcams, mode="RGB+ED" if with_depth else "RGB", background=bg,
+                        backend="torch", near_plane=0.05)
     imgs = out.colors.clamp(0, 1)
+    depth = None
+    if with_depth:
+        depth = torch.where(out.alphas >= DEPTH_MIN_ALPHA, out.depths, torch.zeros_like(out.depths))
     if (rw, rh) != (width, height):
         imgs = torch.nn.functional.interpolate(imgs, size=(height, width), mode="bilinear", align_corners=False).clamp(0, 1)
-    return imgs, cams
+        if depth is not None:
+            depth = torch.nn.functional.interpolate(depth, size=(height, width), mode="nearest-exact")
+    return (imgs, cams) if depth is None else (imgs, cams, depth)
 
 
 def synthetic_example(key: str, seed: int, quality: int = 95, **render_kwargs) -> dict:
-    """One chunk record (JPEG frames, RE10K camera rows) of a rendered procedural scene."""
-    imgs, cams = render_synthetic_scene(seed, **render_kwargs)
+    """One chunk record (JPEG frames, RE10K camera rows, float16 depth maps) of a rendered procedural scene."""
+    imgs, cams, depth = render_synthetic_scene(seed, with_depth=True, **render_kwargs)
     return {
         "key": key,
         "url": "",
         "timestamps": torch.arange(imgs.shape[0], dtype=torch.int64) * 33_333,
         "cameras": cameras_to_re10k(cams).float(),
         "images": [encode_jpeg(im, quality) for im in imgs],
+        "depths": depth[:, 0].to(torch.float16),
     }
 
 

@@ -55,29 +55,32 @@ def _interp(x: Tensor, size: tuple[int, int]) -> Tensor:
 class ResidualConvUnit(nn.Module):
     """``relu(x) + conv2(relu(conv1(relu(x))))``.
 
-    The skip adds ``relu(x)``, not ``x``: the authors' unit applies an in-place ReLU to its input
-    before the convolutions, so their skip sees the rectified tensor; trained weights expect that.
+    The skip adds ``relu(x)``, not ``x``: the VGGT authors' unit applies an in-place ReLU to its
+    input before the convolutions, so their skip sees the rectified tensor; trained weights expect
+    that. ``rectified_skip=False`` adds ``x`` itself (Depth Anything / DepthSplat, whose ReLU is not
+    in-place).
     """
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, rectified_skip: bool = True):
         super().__init__()
         self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
         self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.rectified_skip = rectified_skip
 
     def forward(self, x: Tensor) -> Tensor:  # [N, ch, h, w]
-        x = F.relu(x)
-        return x + self.conv2(F.relu(self.conv1(x)))
+        r = F.relu(x)
+        return (r if self.rectified_skip else x) + self.conv2(F.relu(self.conv1(r)))
 
 
 class FusionBlock(nn.Module):
     """Adds a refined skip (if any), refines, upsamples (to ``size`` or x2), then a 1x1 conv."""
 
-    def __init__(self, ch: int, has_residual: bool = True):
+    def __init__(self, ch: int, has_residual: bool = True, rectified_skip: bool = True):
         super().__init__()
         if has_residual:
-            self.resConfUnit1 = ResidualConvUnit(ch)
+            self.resConfUnit1 = ResidualConvUnit(ch, rectified_skip)
         self.has_residual = has_residual
-        self.resConfUnit2 = ResidualConvUnit(ch)
+        self.resConfUnit2 = ResidualConvUnit(ch, rectified_skip)
         self.out_conv = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x: Tensor, skip: Tensor | None = None, size: tuple[int, int] | None = None) -> Tensor:

@@ -27,6 +27,8 @@ class ReconOutput:
     confidence: Tensor | None = None  # [B, V, 1, H, W]
     cameras: Cameras | None = None  # predicted cameras (pose estimators), batch [B, V]
     extras: dict[str, Tensor] = field(default_factory=dict)  # model-specific auxiliaries
+    # extra predictions supervised in training like `gaussians`, each as (loss weight, Gaussians batch [B])
+    aux_gaussians: list[tuple[float, Gaussians]] = field(default_factory=list)
 
 
 class Reconstructor(nn.Module):
@@ -45,7 +47,7 @@ class Reconstructor(nn.Module):
 
 _REGISTRY: dict[str, Callable[..., Reconstructor]] = {}
 # model files imported on first use of the registry (kept lazy so `import vision3d` stays light)
-_MODULES = ["ilrm", "zpressor", "volsplat", "vggt", "flashvggt", "dimer"]
+_MODULES = ["ilrm", "depthsplat", "zpressor", "volsplat", "vggt", "flashvggt", "dimer"]
 
 
 def register(name: str) -> Callable:

@@ -16,10 +16,15 @@ What changes from VGGT (everything else, and every parameter, is VGGT's):
   tokens plus its patch tokens resampled bilinearly (``align_corners=False``) from the
   ``h x w`` patch grid to ``(h // f) x (w // f)`` (``f = kv_downfactor``, 4 in the release) —
   with the full-resolution patch tokens of key frames prepended (frame 0 always; with
-  ``keyframe_every`` > 0, ``S // keyframe_every`` more frames, those nearest to k-means centres of
-  the mean frame tokens). Key positions for RoPE are the nearest-resampled patch positions. The
+  ``keyframe_every`` > 0 and ``K = S // keyframe_every >= 2``, K more frames, those nearest to the
+  k-means centres of the per-frame mean embedded tokens, clustered exactly as the authors'
+  ``torch_kmeans`` 0.2.0 ``KMeans(n_clusters=K, random_state=42)`` does: that ``random_state`` is
+  swallowed by the distance's keyword arguments, so the package's default seed 123 applies, with 8
+  random restarts drawn on the tokens' device, up to 100 Lloyd iterations, the least-inertia
+  restart kept — :func:`kmeans_centres` reproduces it bit for bit on the same device). Key positions for RoPE are the nearest-resampled patch positions. The
   same ``qkv`` weights project queries (full set) and keys/values (descriptors), so a VGGT
-  checkpoint loads as is; with ``f = 1`` and no key frames it is exactly VGGT's dense attention.
+  checkpoint loads as is; with ``f = 1`` there are no key frames (as in the authors' code) and it is
+  exactly VGGT's dense attention.
 * **Chunk-recursive inference** (the streaming variant): frames are processed in chunks; each
   global block keeps a cache of the keys/values of all earlier descriptors (and of frame 0's
   full-resolution reference tokens from the first chunk) and a chunk attends to the cache plus
@@ -29,13 +34,20 @@ What changes from VGGT (everything else, and every parameter, is VGGT's):
   key frame.
 
 Verification: ``tests/fixtures/vggt/flashvggt.*`` (the authors' descriptor attention, ``f = 2``,
-frame 0 as key frame) is reproduced to 2.4e-7.
+frame 0 as key frame) is reproduced to 2.4e-7; ``flashvggt_keyframes.*`` (6 frames, key frames every
+2: the authors' torch_kmeans selection, 4 key frames) exactly, key frames included.
 
-Differences from the authors' code: key frames use a deterministic k-means (evenly spaced
-initial centres, Lloyd iterations) instead of ``torch_kmeans`` with ``random_state=42``; the
-stream cache stores projected keys/values rather than pre-projection tokens (mathematically the
-same); the stream variant's ``memory_drop_rate`` (keeping every n-th cached frame) is not
-implemented; the camera head of a chunk-recursive pass sees the camera tokens of all chunks at the
+``memory_drop_rate`` (the streaming variant's option, ``FlashVGGTConfig.memory_drop_rate``): in a
+chunk-recursive pass only every r-th frame of each chunk (frames 0, r, 2r, ... counted within the
+chunk) contributes descriptors, to the chunk's own attention and to the cache; frame 0's
+reference tokens are kept whole.
+
+Differences from the authors' code: the
+stream cache stores projected keys/values rather than pre-projection tokens; the authors' stream
+variant (``flashvggt_stream/``) also differs in ways not reproduced here: it resamples the
+projected, normalised and rotated keys/values with ``nearest`` (not bilinear) interpolation, and
+its global blocks outside ``global_start_idx..global_end_idx`` (9..19 of 24) attend within each
+frame only; the camera head of a chunk-recursive pass sees the camera tokens of all chunks at the
 end (an offline choice: a strictly online pose needs the head per chunk); the point head is kept (the authors' FlashVGGT has camera and depth heads only; a converted
 FlashVGGT checkpoint therefore leaves ``point_head`` at its initialisation, see
 :func:`convert_flashvggt_checkpoint`).
@@ -66,6 +78,9 @@ class FlashVGGTConfig(VGGTConfig):
     """Prepend the key frames' full-resolution patch tokens (False only for equivalence tests)."""
     chunk_size: int = 0
     """Frames per chunk for chunk-recursive inference; 0 = one shot up to ``max_frames``."""
+    memory_drop_rate: int = 1
+    """Chunk-recursive passes only: keep the descriptors of every this-many-th frame of each chunk
+    (frames 0, r, 2r, ... within the chunk) in its attention and in the cache; 1 keeps all."""
 
 
 class DescriptorAttention(Attention):
@@ -83,6 +98,7 @@ class DescriptorAttention(Attention):
         patch_start: int,
         keyframes: Tensor | None = None,  # [B, K] frame indices whose full-resolution tokens are prepended
         cache: dict | None = None,  # chunk-recursive key/value cache of this block (updated in place)
+        drop_rate: int = 1,  # with a cache: descriptors of every drop_rate-th frame of this chunk only
     ) -> Tensor:  # [B, S*T, C]
         b, n, c = x.shape
         s = n_frames
@@ -103,14 +119,15 @@ class DescriptorAttention(Attention):
         spatial = xf[:, :, patch_start:].reshape(b * s, h, w, c).permute(0, 3, 1, 2)
         small = F.interpolate(spatial.float(), size=(h // f, w // f), mode="bilinear", align_corners=False)
         small = small.to(x.dtype).permute(0, 2, 3, 1).reshape(b, s, -1, c)
-        x_kv = torch.cat([xf[:, :, :patch_start], small], 2).reshape(b, -1, c)
+        step = drop_rate if cache is not None else 1
+        x_kv = torch.cat([xf[:, :, :patch_start], small], 2)[:, ::step].reshape(b, -1, c)
         pos_kv = None
         if pos is not None:
             pf = pos.view(b, s, t, 2)
             sp = pf[:, :, patch_start:].reshape(b * s, h, w, 2).permute(0, 3, 1, 2).float()
             sp = F.interpolate(sp, size=(h // f, w // f), mode="nearest").to(pos.dtype)
             sp = sp.permute(0, 2, 3, 1).reshape(b, s, -1, 2)
-            pos_kv = torch.cat([pf[:, :, :patch_start], sp], 2).reshape(b, -1, 2)
+            pos_kv = torch.cat([pf[:, :, :patch_start], sp], 2)[:, ::step].reshape(b, -1, 2)
         if keyframes is not None:
             bi = torch.arange(b, device=x.device)[:, None]
             x_kv = torch.cat([xf[bi, keyframes, patch_start:].reshape(b, -1, c), x_kv], 1)
@@ -129,24 +146,74 @@ class DescriptorAttention(Attention):
         return self.attend(q, k, v)
 
 
-def select_keyframes(frame_tokens: Tensor, every: int, iters: int = 10) -> Tensor:  # [B, S, T, C] -> [B, 1 + K]
-    """Frame 0 plus, when ``S // every >= 2``, the frame nearest to each of ``S // every`` k-means
-    centres of the mean frame tokens (deterministic: evenly spaced initial centres)."""
+def kmeans_centres(
+    x: Tensor,  # [B, N, D] points
+    k: int,
+    *,
+    seed: int = 123,
+    num_init: int = 8,
+    max_iter: int = 100,
+    tol: float = 1e-4,
+) -> Tensor:  # [B, k, D] cluster centres of the best restart
+    """Lloyd's k-means exactly as ``torch_kmeans`` 0.2.0 ``KMeans()(x).centers`` computes it (the
+    authors' key-frame clustering; its defaults are ours).
+
+    ``num_init`` restarts, each from ``k`` distinct points drawn by ``torch.multinomial`` (uniform
+    weights, no replacement, one ``torch.Generator`` on ``x``'s device seeded with ``seed``, one row
+    per batch element and restart); assignment by ``F.pairwise_distance`` (eps 1e-6 on the
+    difference), first nearest centre on ties; update to the mean of each cluster (an empty
+    cluster's centre becomes the zero vector, as ``F.normalize`` of an empty row gives); stop after
+    ``max_iter`` updates or once the mean centre shift of every restart of every batch element is
+    below ``tol``; keep the restart with the least inertia (first on ties). Same device, same
+    result as the package; CPU and CUDA draw different initial points.
+    """
+    b, n, d = x.shape
+    if not 2 <= k < n:
+        raise ValueError(f"kmeans_centres: need 2 <= k < N points, got k={k}, N={n}")
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(seed)
+    weights = torch.full((b * num_init, n), 1.0 / n, dtype=x.dtype, device=x.device)
+    idx = torch.multinomial(weights, k, replacement=False, generator=gen)  # [B*num_init, k]
+    centres = x.gather(1, idx.view(b, -1, 1).expand(b, -1, d)).view(b, num_init, k, d)
+    points = x[:, None, :, None, :]  # [B, 1, N, 1, D] against centres [B, M, 1, k, D]
+    labels = torch.arange(k, device=x.device)
+
+    def assign(c: Tensor) -> Tensor:  # [B, M, k, D] -> [B, M, N]
+        return F.pairwise_distance(points, c[:, :, None]).argmin(-1)
+
+    for _ in range(max_iter):
+        old = centres
+        member = (assign(centres)[..., None] == labels).transpose(-1, -2).to(x.dtype)  # [B, M, k, N]
+        centres = torch.matmul(F.normalize(member, p=1.0, dim=-1), x[:, None].expand(b, num_init, n, d))
+        shift = torch.linalg.vector_norm(centres - old, dim=-1)
+        if (shift.masked_fill(shift == float("inf"), 0).mean(-1) < tol).all():
+            break
+    own = centres.gather(2, assign(centres)[..., None].expand(b, num_init, n, d))  # [B, M, N, D]
+    sq = torch.linalg.vector_norm(x[:, None] - own, dim=-1) ** 2
+    inertia = sq.masked_fill(sq == float("inf"), 0).sum(-1)  # [B, M]
+    return centres[torch.arange(b, device=x.device), inertia.argmin(-1)]
+
+
+@torch.no_grad()
+def select_keyframes(frame_tokens: Tensor, every: int) -> Tensor:  # [B, S, T, C] -> [B, 1 + K] long
+    """The authors' key frames: frame 0, then, when ``K = S // every >= 2``, for each of the ``K``
+    k-means centres (:func:`kmeans_centres`, torch_kmeans' procedure and seed) of the per-frame mean
+    tokens the nearest frame (Euclidean, ``torch.cdist``; first frame on ties). Frames may repeat
+    (frame 0, or two centres with one nearest frame), as in the authors' code. ``every == 1`` asks
+    for as many clusters as frames, which torch_kmeans refuses: an error here too."""
     b, s = frame_tokens.shape[:2]
     zero = torch.zeros(b, 1, dtype=torch.long, device=frame_tokens.device)
     k = s // every if every > 0 else 0
     if k <= 1:
         return zero
-    feats = frame_tokens.float().mean(2)  # [B, S, C]
-    init = torch.linspace(0, s - 1, k, device=feats.device).round().long()
-    centres = feats[:, init].clone()
-    for _ in range(iters):
-        assign = torch.cdist(feats, centres).argmin(-1)  # [B, S]
-        onehot = F.one_hot(assign, k).to(feats.dtype)  # [B, S, k]
-        count = onehot.sum(1)  # [B, k]
-        mean = torch.einsum("bsk,bsc->bkc", onehot, feats) / count.clamp(min=1)[..., None]
-        centres = torch.where(count[..., None] > 0, mean, centres)
-    nearest = torch.cdist(centres, feats).argmin(-1)  # [B, k]
+    if k >= s:
+        raise ValueError(f"select_keyframes: keyframe_every={every} asks for {k} k-means clusters of {s} frames; "
+                         "k-means needs fewer clusters than frames (use keyframe_every 0 or >= 2)")
+    feats = frame_tokens.mean(2)  # [B, S, C]
+    if feats.dtype in (torch.float16, torch.bfloat16):
+        feats = feats.float()
+    centres = kmeans_centres(feats, k)
+    nearest = torch.cdist(feats, centres).argmin(1)  # [B, K]
     return torch.cat([zero, nearest], 1)
 
 
@@ -166,10 +233,12 @@ class FlashAggregator(Aggregator):
     def global_block(self, i, x, pos, b, s, grid):
         cache = self._caches[i] if self._caches is not None else None
         return self.global_blocks[i](x, pos, n_frames=s, grid=grid, patch_start=self.patch_start,
-                                     keyframes=self._keyframes, cache=cache)
+                                     keyframes=self._keyframes, cache=cache, drop_rate=self.cfg.memory_drop_rate)
 
     def before_blocks(self, tokens: Tensor) -> None:
-        if self._caches is not None:  # chunk-recursive: frame 0 is the only key frame, first chunk only
+        if self.cfg.kv_downfactor == 1:  # the authors' attention ignores key frames without downsampling
+            self._keyframes = None
+        elif self._caches is not None:  # chunk-recursive: frame 0 is the only key frame, first chunk only
             first = self._first_chunk and self.cfg.use_reference
             self._keyframes = torch.zeros(tokens.shape[0], 1, dtype=torch.long, device=tokens.device) if first else None
         elif self.cfg.use_reference:
@@ -213,6 +282,10 @@ class FlashVGGT(VGGT):
             cfg = FlashVGGTConfig(**{**asdict(cfg), **overrides})
         if cfg.kv_downfactor < 1:
             raise ValueError(f"FlashVGGTConfig.kv_downfactor must be >= 1, got {cfg.kv_downfactor}")
+        if not isinstance(cfg.memory_drop_rate, int) or cfg.memory_drop_rate < 1:
+            raise ValueError(f"FlashVGGTConfig.memory_drop_rate must be an int >= 1, got {cfg.memory_drop_rate!r}")
+        if cfg.keyframe_every < 0:
+            raise ValueError(f"FlashVGGTConfig.keyframe_every must be >= 0, got {cfg.keyframe_every}")
         super().__init__(cfg)
 
     def predict(self, images: Tensor, chunk_size: int | None = None) -> dict:

@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -171,8 +172,14 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, init_values)
+        self.grad_checkpointing = False  # recompute this block in the backward pass (training only)
 
     def forward(self, x: Tensor, pos: Tensor | None = None, **attn_kwargs) -> Tensor:  # [B, N, C]
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, pos, use_reentrant=False, **attn_kwargs)
+        return self._forward(x, pos, **attn_kwargs)
+
+    def _forward(self, x: Tensor, pos: Tensor | None = None, **attn_kwargs) -> Tensor:
         x = x + self.ls1(self.attn(self.norm1(x), pos, **attn_kwargs))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
@@ -323,6 +330,19 @@ class VGGT(Reconstructor):
                    layer_idx=cfg.dpt_layers, frames_chunk=cfg.frames_chunk)
         self.point_head = DPTHead(d2, output_dim=4, activation="inv_log", conf_activation="expp1", **dpt)
         self.depth_head = DPTHead(d2, output_dim=2, activation="exp", conf_activation="expp1", **dpt)
+        self.enabled_heads = {"camera", "depth", "point"}  # see set_heads
+
+    def set_heads(self, camera: bool = True, depth: bool = True, point: bool = True) -> None:
+        """Run only these heads (the authors' ``enable_camera/depth/point``; training without a
+        loss on a head skips it, which saves its compute and keeps its parameters out of DDP).
+        Outputs of a disabled head are absent from :meth:`predict` and ``None`` in :meth:`forward`."""
+        self.enabled_heads = {n for n, on in (("camera", camera), ("depth", depth), ("point", point)) if on}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the aggregator's frame and global blocks in the backward pass (less activation
+        memory, one more forward of the aggregator per step); training mode only."""
+        for blk in [*self.aggregator.frame_blocks, *self.aggregator.global_blocks]:
+            blk.grad_checkpointing = bool(enable)
 
     def check_images(self, images: Tensor) -> None:
         name = type(self).__name__
@@ -359,28 +379,36 @@ class VGGT(Reconstructor):
     def heads(self, tokens: list[Tensor | None], image_hw) -> dict[str, Tensor | list[Tensor]]:
         ps = self.aggregator.patch_start
         hw = (int(image_hw[0]), int(image_hw[1]))
+        out: dict[str, Tensor | list[Tensor]] = {}
+        on = self.enabled_heads
         with torch.autocast(device_type=tokens[-1].device.type, enabled=False):
             tokens = [t.float() if t is not None else None for t in tokens]
-            poses = self.camera_head(tokens[-1][:, :, 0])
-            depth, depth_conf = self.depth_head(tokens, hw, ps)
-            pts, pts_conf = self.point_head(tokens, hw, ps)
-        return {"pose_enc": poses[-1], "pose_enc_list": poses, "depth": depth, "depth_conf": depth_conf,
-                "world_points": pts, "world_points_conf": pts_conf}
+            if "camera" in on:
+                poses = self.camera_head(tokens[-1][:, :, 0])
+                out.update(pose_enc=poses[-1], pose_enc_list=poses)
+            if "depth" in on:
+                out["depth"], out["depth_conf"] = self.depth_head(tokens, hw, ps)
+            if "point" in on:
+                out["world_points"], out["world_points_conf"] = self.point_head(tokens, hw, ps)
+        return out
 
     def forward(self, images: Tensor, cameras=None) -> ReconOutput:  # images [B, S, 3, H, W] in [0, 1]
         return self.to_output(self.predict(images), images.shape[-2:])
 
     @staticmethod
     def to_output(pred: dict, image_hw) -> ReconOutput:
-        """:class:`ReconOutput` from the authors'-style prediction dict of :meth:`predict`."""
+        """:class:`ReconOutput` from the authors'-style prediction dict of :meth:`predict` (entries of
+        disabled heads are ``None`` / absent). ``extras["pose_enc_list"]`` ``[iterations, B, S, 9]``
+        holds every refinement step of the camera head (the camera loss weighs them all)."""
         h, w = int(image_hw[0]), int(image_hw[1])
-        cams = cameras_from_vggt_pose_encoding(pred["pose_enc"], w, h)
+        extras = {k: pred[k] for k in ("pose_enc", "world_points", "world_points_conf") if k in pred}
+        if "pose_enc_list" in pred:
+            extras["pose_enc_list"] = torch.stack(list(pred["pose_enc_list"]))
         return ReconOutput(
-            cameras=cams,
-            depth=pred["depth"].permute(0, 1, 4, 2, 3),
-            confidence=pred["depth_conf"].unsqueeze(2),
-            extras={"pose_enc": pred["pose_enc"], "world_points": pred["world_points"],
-                    "world_points_conf": pred["world_points_conf"]},
+            cameras=cameras_from_vggt_pose_encoding(pred["pose_enc"], w, h) if "pose_enc" in pred else None,
+            depth=pred["depth"].permute(0, 1, 4, 2, 3) if "depth" in pred else None,
+            confidence=pred["depth_conf"].unsqueeze(2) if "depth_conf" in pred else None,
+            extras=extras,
         )
 
 

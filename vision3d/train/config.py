@@ -58,6 +58,9 @@ class DataConfig:
     """DataLoader worker processes per GPU."""
     skip_bad: bool = False
     """Skip unreadable scenes with a logged warning instead of stopping."""
+    scene_transform: str = "none"
+    """World frame the model trains in (vision3d.data.transforms): 'none' (the dataset's; DepthSplat)
+    or 'mean_camera' (iLRM's mean-context-camera frame, centres' largest coordinate 1)."""
 
 
 @dataclass
@@ -80,6 +83,9 @@ class OptimConfig:
     """Clip the global gradient norm to this (0: off)."""
     ema_decay: float = 0.0
     """Keep an exponential moving average of the weights with this decay (0: off)."""
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multipliers by parameter-name pattern (fnmatch; the first matching pattern wins), e.g.
+    ``{'mono.model.*': 0.01}``: DepthSplat's pretrained ViT at 2e-6 beside 2e-4 for the rest, as its authors."""
 
 
 @dataclass
@@ -92,6 +98,33 @@ class LossConfig:
     """Step from which LPIPS is applied."""
     opacity_reg: float = 0.0
     """Weight of the mean opacity (encourages sparse Gaussians)."""
+    # --- VGGT / FlashVGGT (the ``vggt`` recipe; defaults: the authors' training configs) ---
+    camera: float = 5.0
+    """VGGT: weight of the camera loss on the pose encoding (0: the camera head is skipped and frozen)."""
+    camera_loss_type: Literal["l1", "l2"] = "l1"
+    """VGGT: per-component L1 (the authors' choice) or L2 norm of the pose-encoding error."""
+    camera_gamma: float = 0.6
+    """VGGT: camera-head iteration i of n is weighted gamma ** (n - 1 - i)."""
+    camera_trans: float = 1.0
+    """VGGT: weight of the translation part of the camera loss."""
+    camera_rot: float = 1.0
+    """VGGT: weight of the quaternion part of the camera loss."""
+    camera_focal: float = 0.5
+    """VGGT: weight of the field-of-view part of the camera loss."""
+    depth: float = 1.0
+    """VGGT: weight of the confidence-weighted depth loss (needs depth in the data; 0 for RE10K/DL3DV)."""
+    depth_gradient: Literal["none", "grad", "grad_conf", "normal", "normal_conf"] = "grad"
+    """VGGT: gradient term of the depth loss (multi-scale L1 of the error's spatial gradient)."""
+    point: float = 0.0
+    """VGGT: weight of the point-map loss (the authors' fine-tuning config has none; their full config 1.0)."""
+    point_gradient: Literal["none", "grad", "grad_conf", "normal", "normal_conf"] = "normal"
+    """VGGT: gradient term of the point loss (surface-normal agreement)."""
+    conf_gamma: float = 1.0
+    """VGGT: gamma in gamma * err * c - alpha * log(c)."""
+    conf_alpha: float = 0.2
+    """VGGT: alpha in gamma * err * c - alpha * log(c)."""
+    valid_range: float = 0.98
+    """VGGT: per-pixel depth/point errors above this quantile are dropped (<= 0: keep all)."""
 
 
 @dataclass
@@ -100,6 +133,12 @@ class TrainConfig:
     """Registered reconstructor name (vision3d.recon.list_models())."""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     """Constructor overrides for the model (set them in a preset)."""
+    init_weights: str | None = None
+    """Start from these weights: a ``.safetensors`` file in our layout (``vision3d convert vggt model.pt
+    out.safetensors``), a checkpoint folder or a run folder (fine-tuning); not used when resuming."""
+    init_missing_ok: tuple[str, ...] = ()
+    """Key prefixes that may be absent from ``init_weights`` and stay at their initialisation (e.g.
+    ``point_head.`` for a FlashVGGT checkpoint, which has no point head)."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -113,6 +152,9 @@ class TrainConfig:
     """auto | cpu | cuda."""
     grad_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    freeze: tuple[str, ...] = ()
+    """Parameter-name patterns (fnmatch) kept fixed, e.g. ``aggregator.*`` (VGGT's frozen-aggregator
+    fine-tuning, the authors' ``frozen_module_names``); a pattern matching nothing is an error."""
     log_every: int = 50
     """Steps between scalar logs."""
     image_every: int = 1000

@@ -1,8 +1,12 @@
 """The training engine: one loop for every reconstructor.
 
-A step: the reconstructor turns the context views of a :class:`~vision3d.data.example.ViewsBatch`
-into Gaussians; :func:`vision3d.render.rasterize` renders them into the target cameras; the loss
-(MSE + optional LPIPS + regularisers) is back-propagated. DDP via ``torchrun`` (NCCL on GPUs, gloo
+A step: the model's training recipe (:mod:`vision3d.train.objectives`, looked up by model name
+before any work starts; a model without one is refused with the list of models that train) turns a
+:class:`~vision3d.data.example.ViewsBatch` into a loss -- for Gaussian reconstructors the context
+views become Gaussians rendered into the target cameras (MSE + optional LPIPS + regularisers); for
+VGGT/FlashVGGT the context views give cameras, depth and point maps scored by the authors'
+multi-task loss -- and it is back-propagated. Parameters can be frozen by name pattern
+(``freeze``; VGGT's frozen-aggregator fine-tuning). DDP via ``torchrun`` (NCCL on GPUs, gloo
 on the CPU), bf16 autocast on GPUs, gradient accumulation and clipping, AdamW (timm's optimiser
 factory: no weight decay on biases and norms) with a warm-up + cosine schedule (timm's
 ``CosineLRScheduler``, stepped per update), optional EMA of the weights (timm's ``ModelEmaV3``),
@@ -27,12 +31,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from vision3d import recon
-from vision3d.render import rasterize
 from vision3d.utils.io import write_text_atomic
 
 from .checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from .config import TrainConfig, diff_configs, dump_config, load_config
 from .distributed import DistInfo, init_distributed, rng_state, seed_everything, set_rng_state
+from .objectives import Objective, RenderObjective, recipe_for, render_kwargs, render_views  # noqa: F401 (re-exported)
 
 log = logging.getLogger("vision3d.train")
 
@@ -45,67 +49,89 @@ def build_model(cfg: TrainConfig) -> recon.Reconstructor:
     return model
 
 
-def render_kwargs(model: nn.Module, device: torch.device) -> dict:
-    """The model's rendering settings (background, near/far, mode) as rasterize() keywords."""
-    kw = dict(getattr(model, "render_kwargs", {}))
-    bg = kw.get("background")
-    if bg is not None and not isinstance(bg, Tensor):
-        kw["background"] = torch.tensor(bg, dtype=torch.float32, device=device)
-    return kw
+def load_init_weights(model: nn.Module, path: str, missing_ok=()) -> None:
+    """Load fine-tuning weights (``.safetensors``, checkpoint folder or run folder) into ``model``.
+
+    Every key must fit except model keys under a ``missing_ok`` prefix, which may be absent.
+    """
+    from vision3d.utils.state import state_dict_differences
+
+    from .checkpoint import load_weights
+
+    p = Path(path)
+    if p.is_dir() and (p / "ckpts").is_dir():
+        step_dir = latest_checkpoint(p)
+        if step_dir is None:
+            raise FileNotFoundError(f"{p}: init_weights run folder has no complete checkpoint under ckpts/")
+        p = step_dir
+    if p.is_dir():
+        weights = load_checkpoint(p)[0]
+    elif p.suffix == ".safetensors" and p.is_file():
+        weights = load_weights(p)
+    else:
+        raise FileNotFoundError(f"{p}: init_weights must be an existing .safetensors file, checkpoint folder or run "
+                                "folder (convert the authors' checkpoint first: vision3d convert --list)")
+    own = model.state_dict()
+    parts = state_dict_differences(own, weights, skip=tuple(missing_ok))
+    extra = [k for k in weights if k not in own]
+    parts += [f"{len(extra)} unexpected key(s), e.g. {extra[:3]}"] if extra and missing_ok else []
+    if parts:
+        raise ValueError(f"{p}: init_weights do not fit {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(weights, strict=False)
 
 
-def render_views(model: nn.Module, gaussians, cameras) -> Tensor:  # -> [B, V, 3, H, W]
-    """Render the predicted Gaussians (batch [B]) into cameras (batch [B, V]) in float32."""
-    base = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    g = gaussians.to(dtype=torch.float32)
-    out = rasterize(g, cameras.to(g.device), mode="RGB", **render_kwargs(base, g.device))
-    return out.colors
+Loss = RenderObjective  # the Gaussian-rendering objective under its historical name
 
 
-class Loss(nn.Module):
-    """Weighted sum of the configured terms; refuses LPIPS without its weights on disk."""
-
-    def __init__(self, cfg, device: torch.device):
-        super().__init__()
-        self.cfg = cfg
-        self.use_lpips = cfg.lpips > 0
-        if self.use_lpips:
-            from vision3d.eval import metrics
-
-            if not metrics.lpips_available("vgg"):
-                raise metrics.LPIPSWeightsMissing(
-                    "the config asks for an LPIPS loss (loss.lpips > 0) but its weights are missing. "
-                    + metrics.lpips_missing_message("vgg")
-                    + "\nOr train without it: --loss.lpips 0"
-                )
-
-    def forward(self, pred: Tensor, target: Tensor, gaussians, step: int) -> tuple[Tensor, dict[str, float]]:
-        # pred/target [B, V, 3, H, W] in [0, 1]
-        terms: dict[str, Tensor] = {}
-        mse = (pred - target).square().mean()
-        terms["mse"] = mse
-        total = self.cfg.mse * mse
-        if self.use_lpips and step >= self.cfg.lpips_after:
-            from vision3d.eval.metrics import lpips
-
-            lp = lpips(pred, target, net="vgg").mean()
-            terms["lpips"] = lp
-            total = total + self.cfg.lpips * lp
-        if self.cfg.opacity_reg > 0:
-            reg = gaussians.opacities.mean()
-            terms["opacity"] = reg
-            total = total + self.cfg.opacity_reg * reg
-        logs = {k: float(v.detach()) for k, v in terms.items()}
-        logs["psnr"] = float(-10 * torch.log10(mse.detach().clamp_min(1e-10)))
-        return total, logs
+def forward_loss(model: nn.Module, loss_fn: Objective, batch, step: int, autocast) -> tuple[Tensor, dict, Tensor | None]:
+    """One micro-step's loss: ``(loss, logs, preview image or None)`` from the recipe's objective."""
+    r = loss_fn.step(model, batch, step, autocast)
+    return r.loss, r.logs, r.preview
 
 
-def forward_loss(model: nn.Module, loss_fn: Loss, batch, step: int, autocast) -> tuple[Tensor, dict, Tensor]:
-    with autocast:
-        out = model(batch.context_images, batch.context_cameras)
-    pred = render_views(model, out.gaussians, batch.target_cameras)
-    loss, logs = loss_fn(pred, batch.target_images, out.gaussians, step)
-    return loss, logs, pred
+def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict[str, float]) -> list[dict]:
+    """AdamW groups as timm builds them (no decay on biases, norms and ``no_weight_decay()`` names), split
+    further by learning-rate multiplier: ``lr_scale`` maps fnmatch patterns of parameter names to multipliers
+    (first match wins), which timm's schedulers apply through each group's ``lr_scale``. A pattern that
+    matches no trainable parameter is an error naming it."""
+    import fnmatch
+
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for pat in lr_scale:
+        if not any(fnmatch.fnmatchcase(n, pat) for n, _ in named):
+            tops = sorted({n.split(".")[0] for n, _ in named})
+            raise ValueError(f"config optim.lr_scale: pattern {pat!r} matches no trainable parameter of "
+                             f"{type(model).__name__} (top-level modules: {', '.join(tops)})")
+    groups: dict[tuple[bool, float], list] = {}
+    for n, p in named:
+        scale = next((float(v) for pat, v in lr_scale.items() if fnmatch.fnmatchcase(n, pat)), 1.0)
+        decay = not (p.ndim <= 1 or n.endswith(".bias") or n in skip)
+        groups.setdefault((decay, scale), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+            for (decay, scale), ps in groups.items()]
+
+
+def freeze_parameters(model: nn.Module, patterns) -> list[str]:
+    """Set ``requires_grad=False`` on parameters whose names match any fnmatch pattern; returns their names.
+
+    A pattern that matches no parameter is an error naming it (a typo would silently train everything).
+    """
+    import fnmatch
+
+    names = [n for n, _ in model.named_parameters()]
+    frozen = []
+    for pat in patterns:
+        hit = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not hit:
+            tops = sorted({n.split(".")[0] for n in names})
+            raise ValueError(f"config freeze: pattern {pat!r} matches no parameter of {type(model).__name__} "
+                             f"(top-level modules: {', '.join(tops)}; e.g. 'aggregator.*')")
+        frozen += hit
+    params = dict(model.named_parameters())
+    for n in frozen:
+        params[n].requires_grad_(False)
+    return sorted(set(frozen))
 
 
 # ------------------------------------------------------------------------------------------------ run folder
@@ -161,7 +187,9 @@ def build_dataset(cfg: TrainConfig, split: str = "train", rank: int = 0):
     data_cfg = ChunkDatasetConfig(
         roots=[d.root], split=split, image_shape=tuple(d.image_shape), near=d.near, far=d.far, skip_bad=d.skip_bad
     )
-    return ChunkDataset(data_cfg, sampler)
+    from vision3d.data.transforms import with_scene_transform
+
+    return with_scene_transform(ChunkDataset(data_cfg, sampler), d.scene_transform)
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -196,13 +224,22 @@ def train(cfg: TrainConfig, dataset=None, max_steps: int | None = None) -> Train
     """
     from vision3d.data import make_loader
 
+    recipe = recipe_for(cfg.model)  # refuses a model without a training recipe before any work
+    loss_fn = recipe.build(cfg.loss, torch.device("cpu"))
     info = init_distributed(cfg.device)
     run, resume_from = prepare_run_dir(cfg, info)
     seed_everything(cfg.seed + info.rank)
     device = info.device
 
     model = build_model(cfg).to(device)
+    if cfg.init_weights and resume_from is None:
+        load_init_weights(model, cfg.init_weights, cfg.init_missing_ok)
+        if info.is_main:
+            log.info("initialised %s from %s", cfg.model, cfg.init_weights)
     base = model
+    frozen = sorted(set(loss_fn.prepare(base)) | set(freeze_parameters(base, cfg.freeze)))
+    if frozen and info.is_main:
+        log.info("%d parameter tensors frozen (e.g. %s)", len(frozen), ", ".join(frozen[:3]))
     if info.enabled:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -210,7 +247,8 @@ def train(cfg: TrainConfig, dataset=None, max_steps: int | None = None) -> Train
     from timm.scheduler import CosineLRScheduler
 
     o = cfg.optim
-    optimizer = create_optimizer_v2(base, "adamw", lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+    optimizer = create_optimizer_v2(param_groups(base, o.weight_decay, o.lr_scale) if o.lr_scale else base, "adamw",
+                                    lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
     scheduler = CosineLRScheduler(
         optimizer, t_initial=o.max_steps, lr_min=o.min_lr, warmup_t=o.warmup_steps,
         warmup_lr_init=o.lr * 1e-3 if o.warmup_steps else o.lr, warmup_prefix=True, t_in_epochs=False,
@@ -220,7 +258,6 @@ def train(cfg: TrainConfig, dataset=None, max_steps: int | None = None) -> Train
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(base, decay=o.ema_decay)
-    loss_fn = Loss(cfg.loss, device)
 
     step = 0
     sampler_state = resume_rng = None
@@ -272,6 +309,8 @@ def train(cfg: TrainConfig, dataset=None, max_steps: int | None = None) -> Train
         logs_acc: dict[str, float] = {}
         for micro in range(o.grad_accum):
             batch = next(it).to(device, non_blocking=True)
+            if last_batch is None:
+                loss_fn.check_batch(batch)
             last_batch = batch
             sync = micro == o.grad_accum - 1 or not info.enabled
             with (nullcontext() if sync else model.no_sync()):
@@ -280,8 +319,9 @@ def train(cfg: TrainConfig, dataset=None, max_steps: int | None = None) -> Train
             logs["context_views"] = float(batch.context_images.shape[1])  # varies with data.num_context_max
             for k, v in logs.items():
                 logs_acc[k] = logs_acc.get(k, 0.0) + v / o.grad_accum
-            views_seen += batch.target_images.shape[0] * batch.target_images.shape[1] * info.world_size
-        if not math.isfinite(logs_acc["mse"]):
+            seen = batch.target_images if "target_images" in loss_fn.requires else batch.context_images
+            views_seen += seen.shape[0] * seen.shape[1] * info.world_size
+        if not math.isfinite(logs_acc[recipe.primary]):
             raise FloatingPointError(f"step {step}: non-finite loss {logs_acc}; lower the learning rate or check the data")
         grad_norm = torch.nn.utils.clip_grad_norm_(base.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
         optimizer.step()
@@ -300,12 +340,14 @@ def train(cfg: TrainConfig, dataset=None, max_steps: int | None = None) -> Train
                     for k, v in entry.items():
                         if k != "step":
                             writer.add_scalar(f"train/{k}", v, step)
-            if writer is not None and cfg.image_every and step % cfg.image_every == 0:
-                grid = torch.cat([pred[0].detach().float(), batch.target_images[0].float()], -1)  # [V, 3, H, 2W]
-                writer.add_images("train/render_vs_target", grid.clamp(0, 1), step)
+            if writer is not None and cfg.image_every and step % cfg.image_every == 0 and pred is not None:
+                writer.add_images(f"train/{recipe.name}_preview", pred.clamp(0, 1), step)  # [V, 3, H, W']
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{logs_acc['mse']:.4f}", psnr=f"{logs_acc['psnr']:.2f}")
+                post = {recipe.primary: f"{logs_acc[recipe.primary]:.4f}"}
+                if "psnr" in logs_acc:
+                    post["psnr"] = f"{logs_acc['psnr']:.2f}"
+                bar.set_postfix(**post)
         if step % cfg.ckpt_every == 0 or step == end:
             _save(cfg, run, info, step, base, optimizer, scheduler, ema, sampler, last_batch)
     if bar is not None:

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from vision3d.gaussians import Gaussians, Similarity, transform_cameras, transform_gaussians
+from vision3d.data.transforms import mean_camera_similarity  # the training-time frame lives with the data transforms
 from vision3d.geometry import Cameras
 
 log = logging.getLogger(__name__)
@@ -63,36 +64,6 @@ __all__ = [
 
 
 # ------------------------------------------------------------------ what each reconstructor expects
-def mean_camera_similarity(
-    cameras: Cameras,  # batch [V] context cameras, OpenCV cam_to_world
-    extent: float = 1.0,
-) -> Similarity:
-    """World -> iLRM's training frame: the mean context camera, centres' largest coordinate = ``extent``.
-
-    Degenerate cases: when the mean optical axis vanishes (cameras facing opposite ways) or the mean
-    down axis is parallel to it, the first camera's axes are used; when every centre coincides (one
-    view), the scale is 1.
-    """
-    if not extent > 0:
-        raise ValueError(f"mean_camera_similarity: extent must be positive, got {extent}")
-    c2w = cameras.flatten().cam_to_world.detach().to(device="cpu", dtype=torch.float64)  # [V, 4, 4]
-    if c2w.shape[0] == 0:
-        raise ValueError("mean_camera_similarity: no cameras")
-    centre = c2w[:, :3, 3].mean(0)  # [3]
-    forward = c2w[:, :3, 2].mean(0)
-    down = c2w[:, :3, 1].mean(0)
-    down = down - down.dot(forward) / forward.dot(forward).clamp_min(1e-30) * forward
-    if float(forward.norm()) < 1e-6 or float(down.norm()) < 1e-6:
-        axes = c2w[0, :3, :3]
-    else:
-        forward, down = forward / forward.norm(), down / down.norm()
-        axes = torch.stack([torch.linalg.cross(down, forward), down, forward], -1)  # [3, 3] columns: right, down, fwd
-    to_mean = Similarity(1.0, axes.T, -(axes.T @ centre))  # world -> mean-camera frame (rigid)
-    largest = float(to_mean.apply_points(c2w[:, :3, 3]).abs().max())
-    scale = extent / largest if largest > 1e-9 else 1.0
-    return Similarity(scale).compose(to_mean)
-
-
 def _patch_multiple(model: nn.Module) -> int:  # iLRM: image sides must divide patch x viewpoint factor
     return int(model.cfg.patch_size * model.cfg.viewpoint_factor)
 

@@ -188,6 +188,13 @@ class ReconstructConfig:
     progress: bool = True
     """Show progress bars."""
 
+    view: bool = False
+    """Open the viewer (the [viewer] extra) on the scene being fitted, updated every fit.log-every steps, with a
+    pause button; it closes when the fit ends (then: vision3d view OUT)."""
+
+    view_port: int = 8080
+    """Port of the --view viewer (on 127.0.0.1; 0 picks a free one)."""
+
     fit: SceneFitConfig = field(default_factory=_default_fit)
     """Refinement settings (fit.steps and fit.seed come from --steps and --seed). Default: the 3DGS loss, gsplat's
     DefaultStrategy refining every 100 steps from step 200 (mcmc needs a GPU)."""
@@ -387,7 +394,7 @@ def _side_by_side(pred: Tensor, gt: Tensor) -> Tensor:  # [3, H, W] x2 -> [3, H,
 _CKPT_FORMAT = "vision3d.reconstruct/fit-state-1"
 # settings a resume may change: they shape the outputs, not the fitted Gaussians (fit.steps/seed are unused)
 _RESUME_FREE = ("out", "resume", "overwrite", "progress", "ckpt_every", "video", "video_path_frames", "video_width",
-                "fps", "mesh", "mesh_voxel", "lpips")
+                "fps", "mesh", "mesh_voxel", "lpips", "view", "view_port")
 _RESUME_FREE_FIT = ("fit.progress", "fit.log_every", "fit.steps", "fit.seed")
 # settings of stages 1-2, which a resume does not rerun (it reads the run folder's images/ and cameras/)
 _POSE_STAGE = ("input", "poses", "pose_weights", "pose_ba", "cameras", "sfm_threads", "max_size", "pose_max_size", "size_policy",
@@ -579,9 +586,18 @@ def reconstruct(cfg: ReconstructConfig) -> dict:
     if recon_info is not None:
         init_info["reconstructor"] = recon_info
     t0 = time.perf_counter()
-    result = fit_scene(init.to(dev), train_imgs, train_cams, fit_run,
-                       checkpoint=lambda state: _save_fit_checkpoint(ckpt_dir, state, run_config, init_info),
-                       checkpoint_every=cfg.ckpt_every)
+    live = None
+    if cfg.view:  # the scene being fitted, in the browser (vision3d.viewer.live)
+        from vision3d.viewer.live import LiveViewer
+
+        live = LiveViewer(out, port=cfg.view_port, total_steps=steps, held_out=test_idx)
+    try:
+        result = fit_scene(init.to(dev), train_imgs, train_cams, fit_run,
+                           checkpoint=lambda state: _save_fit_checkpoint(ckpt_dir, state, run_config, init_info),
+                           checkpoint_every=cfg.ckpt_every, callback=live)
+    finally:
+        if live is not None:
+            live.close()
     fitted, history = result.gaussians, result.history
     times["fit"] = time.perf_counter() - t0
 

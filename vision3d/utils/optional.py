@@ -31,6 +31,10 @@ KNOWN: dict[str, tuple[str, str | None]] = {
     "gsplat": ("gsplat", None),
     "skimage": ("scikit-image", "dev"),
     "plyfile": ("plyfile", "dev"),
+    "spconv": ("spconv-cu126", "sparse"),
+    "spconv.pytorch": ("spconv-cu126", "sparse"),
+    "sklearn": ("scikit-learn", "sklearn"),
+    "sklearn.cluster": ("scikit-learn", "sklearn"),
 }
 
 
