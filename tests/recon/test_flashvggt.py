@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from vision3d.layers.rope import RoPE2D, patch_positions
+from tests.conftest import optional
 from vision3d.recon import create
 from vision3d.recon.flashvggt import (
     DescriptorAttention,
@@ -144,7 +145,7 @@ def test_keyframes():
 
 
 def _torch_kmeans():
-    pytest.importorskip("torch_kmeans", reason="torch-kmeans (the authors' k-means, in [dev]) not installed")
+    optional("torch_kmeans")
     import contextlib
     import io
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from tests.conftest import LOCAL_FIXTURES, requires_cuda
+from tests.conftest import LOCAL_FIXTURES, optional, requires_cuda
 from vision3d.recon.zpressor import (
     ZPressor,
     ZPressorConfig,
@@ -48,7 +48,7 @@ def test_parity_with_authors(case):
     K = _num_anchors(meta, t)
     tokens = "in/cls_token" in t
     if tokens:  # the token-clustering path (scikit-learn k-means)
-        pytest.importorskip("sklearn", reason="scikit-learn (extra [sklearn], in [dev]) not installed")
+        optional("sklearn")
         args, kwargs = (t["in/x"], None, K), {"cluster_tokens": t["in/cls_token"]}
     else:
         args, kwargs = (t["in/x"], t["in/extrinsics"], K), {}
