@@ -80,6 +80,7 @@ __all__ = [
     "add_mob",
     "set_all_active",
     "load_balance_loss",
+    "clear_aux_losses",
     "group_features",
     "group_feature_loss",
     "prune_ffns_magnitude",
@@ -565,8 +566,15 @@ def set_all_active(model: nn.Module, active: bool = True) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ losses
+def clear_aux_losses(model: nn.Module) -> None:
+    """Forget the routers' auxiliary losses (call before a forward: MoB may skip a block's MoE)."""
+    for m in model.modules():
+        if isinstance(m, (MoE, MoBGroup)):
+            m.aux_loss = None
+
+
 def load_balance_loss(model: nn.Module) -> Tensor:
-    """Mean Switch load-balancing loss over every MoE and MoB router of the last forward (1 = balanced)."""
+    """Mean Switch load-balancing loss over every MoE and MoB router run since :func:`clear_aux_losses` (1 = balanced)."""
     losses = [m.aux_loss for m in model.modules() if isinstance(m, (MoE, MoBGroup)) and m.aux_loss is not None]
     if not losses:
         return torch.zeros(())

@@ -85,7 +85,7 @@ def optimise(
     for step in range(cfg.steps):
         optimizer.zero_grad(set_to_none=True)
         loss, logs = step_fn(step)
-        if not math.isfinite(float(loss)):
+        if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"{desc} step {step}: non-finite loss {logs}; lower the learning rate")
         loss.backward()
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
