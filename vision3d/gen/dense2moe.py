@@ -486,7 +486,7 @@ class MoBGroup(nn.Module):
         selected = torch.zeros_like(probs, dtype=torch.bool).scatter(1, idx, True)
         kept = torch.where(selected, probs, torch.zeros_like(probs))
         kept = kept / kept.sum(-1, keepdim=True)
-        weight = 1.0 + kept - kept.detach()
+        weight = (kept - kept.detach()) + 1.0  # exactly 1 forward
         self.aux_loss = balance_loss(probs, idx)
         return probs, selected, weight
 

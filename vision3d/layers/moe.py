@@ -129,7 +129,7 @@ class TopKRouter(Router):
         renormalize: divide the kept probabilities by their sum (so they sum to one).
         balance_loss: also return the Switch load-balancing loss ``E * sum_e f_e * P_e``
             (``f_e`` fraction of slots routed to ``e``, ``P_e`` mean gate probability of ``e``).
-        straight_through: combine weights are exactly 1 in the forward pass (``1 + p - p.detach()``,
+        straight_through: combine weights are exactly 1 in the forward pass (``(p - p.detach()) + 1``,
             ``p`` the kept, possibly renormalised probability), so the gate learns through its
             gradient only; with neuron-slice experts and ``k = E`` the layer is then the dense FFN.
 
@@ -159,7 +159,7 @@ class TopKRouter(Router):
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
         if self.straight_through:
-            weights = 1.0 + weights - weights.detach()
+            weights = (weights - weights.detach()) + 1.0  # exactly 1 forward
         aux = None
         if self.balance_loss:
             aux = balance_loss(probs, index)
