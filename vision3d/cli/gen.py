@@ -9,7 +9,8 @@ Examples (procedural 16x16 shapes, CPU):
 
 Every command writes a run folder: ``config.yaml`` (the resolved :class:`GenConfig`; reload with
 ``--preset <run>/config.yaml``), ``model/`` (``model.safetensors`` + ``config.json``),
-``metrics.json`` (loss history, activated parameters, held-out denoising loss) and
+``metrics.json`` (loss history, activated parameters, held-out denoising loss; for distill the
+held-out velocity gap to the teacher before and after) and
 ``samples.png`` (one row per class). ``--preset FILE`` loads a YAML preset (default for convert and
 distill: the teacher run's config.yaml); flags override it.
 """
@@ -165,13 +166,16 @@ def run_convert(a: ConvertArgs) -> int:
 
 def run_distill(a: DistillArgs) -> int:
     from vision3d.gen import dense2moe as d2m
-    from vision3d.gen.recipe import distill
+    from vision3d.gen.recipe import distill, teacher_gap
 
     teacher = d2m.load_converted(_model_dir(a.teacher), a.cfg.device)
     student = d2m.load_converted(_model_dir(a.student), a.cfg.device)
     run = _prepare(a.out, a.overwrite)
+    before = teacher_gap(student, teacher, a.cfg)
     student, history = distill(student, teacher, a.cfg, a.stage)
-    _finish(run, a.cfg, student, {"stage": a.stage, "teacher": str(a.teacher), "student": str(a.student), "train": history})
+    metrics = {"stage": a.stage, "teacher": str(a.teacher), "student": str(a.student), "train": history,
+               "teacher_gap_before": before, "teacher_gap": teacher_gap(student, teacher, a.cfg)}
+    _finish(run, a.cfg, student, metrics)
     return 0
 
 

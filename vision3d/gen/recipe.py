@@ -34,7 +34,7 @@ from .loop import OptimConfig, optimise
 
 __all__ = [
     "DataConfig", "StageConfig", "SampleConfig", "GenConfig", "load_gen_config", "dump_gen_config",
-    "train_dense", "convert", "distill", "prune", "evaluate",
+    "train_dense", "convert", "distill", "prune", "evaluate", "teacher_gap",
 ]
 
 
@@ -269,6 +269,17 @@ def denoising_loss(model: nn.Module, cfg: GenConfig, num: int = 512, seed: int =
         v = model(x_t[i : i + 128].to(dev), t[i : i + 128].to(dev), y[i : i + 128].to(dev))
         total += float((v - target[i : i + 128].to(dev)).square().sum())
     return total / target.numel()
+
+
+@torch.no_grad()
+def teacher_gap(student: nn.Module, teacher: nn.Module, cfg: GenConfig, num: int = 256, seed: int = 98) -> float:
+    """Mean squared difference of the student's and the teacher's velocities on fixed held-out inputs."""
+    student.eval(), teacher.eval()
+    x, y = procedural_shapes(num, size=cfg.dit.image_size, num_classes=cfg.data.num_classes, seed=20_000 + seed)
+    x_t, t, _ = flow_matching_inputs(x, torch.Generator().manual_seed(seed))
+    dev = torch.device(cfg.device)
+    x_t, t, y = x_t.to(dev), t.to(dev), y.to(dev)
+    return float((student(x_t, t, y) - teacher(x_t, t, y)).square().mean())
 
 
 @torch.no_grad()
