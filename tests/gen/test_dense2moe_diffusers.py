@@ -38,7 +38,8 @@ def test_flux_converts_in_place_exactly_and_round_trips(tmp_path):
         ref = model(**kw)[0]
     layers = d2m.dense_to_moe(model, d2m.Dense2MoEConfig(num_slices=8, num_shared=1, top_k=2),
                               loss_fn=_out_loss, calibration=[kw])
-    assert sorted(layers) == [f"transformer_blocks.{i}.{n}" for i in range(2) for n in ("ff", "ff_context")]
+    assert sorted(layers) == ["single_transformer_blocks.0"] + [f"transformer_blocks.{i}.{n}" for i in range(2) for n in ("ff", "ff_context")]
+    assert isinstance(model.single_transformer_blocks[0].proj_out.mlp, MoE)
     assert isinstance(model.transformer_blocks[0].ff, MoE)
     with torch.no_grad():
         prev = d2m.set_all_active(model)

@@ -14,9 +14,9 @@ Ratios are to ``dense`` in the same run. CPU always, CUDA as well when available
 
 Part 2 (accounting): FLUX.1 [dev]'s transformer (diffusers ``FluxTransformer2DModel`` default config,
 built on the meta device: no memory, no download) converted with the same split: total and activated
-parameters and linear-layer FLOPs per image token. FLUX's 38 single-stream blocks fuse their MLP into
-the attention output projection and stay dense in vision3d's converter, so the reduction here comes
-from the 19 double-stream blocks' ``ff``/``ff_context`` only.
+parameters and linear-layer FLOPs per token: the 19 double-stream blocks' ``ff``/``ff_context`` and
+the MLPs fused into the 38 single-stream blocks' ``proj_out`` become MoE layers (attention,
+modulation and embeddings stay dense; MoB, which the paper adds on top, is not applied here).
 
     PYTHONPATH=. OMP_NUM_THREADS=2 python tools/bench/moe.py --out runs/bench/moe.json
 """
@@ -100,6 +100,8 @@ def flux_accounting() -> dict:
     dense_act = activated_parameters(flux)
     dense_flops = activated_linear_flops(flux)
     ff_dense = sum(p.numel() for n, m in flux.named_modules() if n.endswith((".ff", ".ff_context")) for p in m.parameters())
+    ff_dense += sum(b.proj_mlp.weight.numel() + b.proj_mlp.bias.numel() + b.proj_mlp.out_features * b.proj_out.out_features
+                    for b in flux.single_transformer_blocks)
     cfg = Dense2MoEConfig(num_slices=8, num_shared=1, top_k=2, assignment="contiguous", router_init="zeros")
     layers = dense_to_moe(flux, cfg)
     ff_act = sum(activated_parameters(m) for m in layers.values())
@@ -134,11 +136,11 @@ def main(argv=None) -> int:
         print(f"{r['device']:<6} {r['dtype']:<8} {r['C']:>5} {r['H']:>6} {r['tokens']:>6} {r['impl']:<15} "
               f"{r['ms']:>9.2f} {r['tokens_per_s'] / 1e6:>8.3f} {r['time_vs_dense']:>8.2f}")
     acct = flux_accounting()
-    print("\nFLUX.1 [dev] transformer, 1 shared + top-2 of 7 routed (3/8 of each double-stream FFN):")
+    print("\nFLUX.1 [dev] transformer, 1 shared + top-2 of 7 routed (3/8 of every FFN active):")
     for k in ("total_params", "activated_params", "linear_flops_per_token"):
         d, m = acct[f"{k}_dense"], acct[f"{k}_moe"]
         print(f"  {k:<24} dense {d / 1e9:8.3f} G   moe {m / 1e9:8.3f} G   ratio {m / d:.3f}")
-    print(f"  double-stream FFNs: {acct['ffn_params_dense'] / 1e9:.3f} G -> {acct['ffn_activated_moe'] / 1e9:.3f} G activated "
+    print(f"  FFNs: {acct['ffn_params_dense'] / 1e9:.3f} G -> {acct['ffn_activated_moe'] / 1e9:.3f} G activated "
           f"({1 - acct['ffn_activated_moe'] / acct['ffn_params_dense']:.1%} fewer)")
     from vision3d.utils.io import write_text_atomic
 

@@ -39,15 +39,16 @@ Details the paper leaves open, chosen here (each one a config field):
   always run.
 
 Works on our :class:`vision3d.gen.dit.DiT` and in place on diffusers transformers
-(``FluxTransformer2DModel``'s double-stream ``ff``/``ff_context``; ``PixArtTransformer2DModel`` and
+(``FluxTransformer2DModel``'s double-stream ``ff``/``ff_context`` and the MLP fused into each
+single-stream block's ``proj_out``, see :class:`FusedMLPOut`; ``PixArtTransformer2DModel`` and
 ``DiTTransformer2DModel``'s ``BasicTransformerBlock.ff``), which keep running in their diffusers
-pipelines. FLUX's single-stream blocks fuse their MLP with the attention output projection
-(``proj_out`` on ``[attn, mlp]``) and stay dense here; MoB is implemented for our DiT (diffusers
-blocks take model-specific keyword arguments).
+pipelines (module replacement only, no forward is patched). MoB is implemented for our DiT
+(diffusers blocks take model-specific keyword arguments).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,6 +76,7 @@ __all__ = [
     "calibrate",
     "FFNStats",
     "convert_ffn",
+    "FusedMLPOut",
     "dense_to_moe",
     "MoBGroup",
     "add_mob",
@@ -163,11 +165,53 @@ def _is_diffusers_ffn(m: nn.Module) -> bool:
     return type(m).__name__ == "FeedForward" and type(m).__module__.startswith("diffusers")
 
 
+def _is_flux_single(m: nn.Module) -> bool:
+    return type(m).__name__ == "FluxSingleTransformerBlock" and isinstance(getattr(m, "proj_mlp", None), nn.Linear)
+
+
+class FusedMLPOut(nn.Module):
+    """Stands in for a FLUX single-stream block's ``proj_out`` once its MLP is an MoE.
+
+    The block computes ``proj_out(cat([attn, act(proj_mlp(x))]))``; after conversion ``proj_mlp`` and
+    ``act_mlp`` are identities, so this module receives ``cat([attn, x])`` and returns
+    ``attn_out(attn) + mlp(x)`` (``attn_out`` the attention columns of ``proj_out`` with its bias,
+    ``mlp`` the MoE of the MLP columns): the same function, the block's forward unchanged.
+    """
+
+    def __init__(self, attn_out: nn.Linear, mlp: nn.Module):
+        super().__init__()
+        self.attn_out, self.mlp = attn_out, mlp
+
+    def forward(self, h: Tensor) -> Tensor:  # [..., 2 * dim]
+        a, x = h.split(self.attn_out.in_features, dim=-1)
+        return self.attn_out(a) + self.mlp(x)
+
+
+def _flux_single_weights(block: nn.Module, name: str) -> FFNWeights:
+    dim = block.proj_out.out_features
+    W = block.proj_out.weight.detach()
+    if W.shape[1] != dim + block.proj_mlp.out_features:
+        raise TypeError(f"{name}: proj_out takes {W.shape[1]} inputs, expected dim {dim} + MLP {block.proj_mlp.out_features}")
+    act = block.act_mlp if not isinstance(block.act_mlp, nn.Identity) else nn.GELU(approximate="tanh")
+    b = block.proj_mlp.bias
+    return FFNWeights(block.proj_mlp.weight.detach(), None if b is None else b.detach(), copy.deepcopy(act),
+                      W[:, dim:], None, name=name)
+
+
 def module_ffn_weights(module: nn.Module, name: str) -> FFNWeights:
-    """:func:`vision3d.layers.moe.ffn_weights` plus diffusers' ``FeedForward``."""
+    """:func:`vision3d.layers.moe.ffn_weights` plus diffusers' ``FeedForward`` and FLUX's fused single-block MLP."""
     if _is_diffusers_ffn(module):
         return _diffusers_ffn_weights(module, name)
+    if _is_flux_single(module):
+        return _flux_single_weights(module, name)
     return ffn_weights(module, name)
+
+
+def _probes(module: nn.Module) -> tuple[nn.Module, nn.Module, bool]:
+    """(module whose input is the FFN input, module giving the hidden activation, hidden is its output?)."""
+    if _is_flux_single(module):
+        return module.proj_mlp, module.act_mlp, True
+    return module, _out_linear(module), False
 
 
 def _out_linear(module: nn.Module) -> nn.Linear:
@@ -182,7 +226,8 @@ def _out_linear(module: nn.Module) -> nn.Linear:
 def find_ffns(model: nn.Module, names: Optional[Sequence[str]] = None) -> dict[str, nn.Module]:
     """The FFNs Dense2MoE converts: ``{qualified name: module}``.
 
-    Default search: our DiT's ``blocks.*.mlp`` (timm ``Mlp``) and every diffusers ``FeedForward``.
+    Default search: our DiT's ``blocks.*.mlp`` (timm ``Mlp``), every diffusers ``FeedForward`` and every
+    FLUX single-stream block (its fused MLP; the name is the block's).
 
     Raises:
         ValueError: a requested name is missing or not an FFN, or the model has no FFN at all.
@@ -200,7 +245,7 @@ def find_ffns(model: nn.Module, names: Optional[Sequence[str]] = None) -> dict[s
     for n, m in modules.items():
         if isinstance(m, MoE):
             continue
-        if _is_diffusers_ffn(m) or (n.endswith(".mlp") and ".blocks." in f".{n}" and hasattr(m, "fc1")):
+        if _is_diffusers_ffn(m) or _is_flux_single(m) or (n.endswith(".mlp") and ".blocks." in f".{n}" and hasattr(m, "fc1")):
             if any(n.startswith(f"{o}.") for o in out):
                 continue
             out[n] = m
@@ -210,6 +255,19 @@ def find_ffns(model: nn.Module, names: Optional[Sequence[str]] = None) -> dict[s
             "modules); pass Dense2MoEConfig.ffn_names with the qualified names of its feed-forward modules"
         )
     return out
+
+
+def _install_fused(block: nn.Module, mlp: nn.Module) -> None:
+    """Put ``mlp`` (MoE or pruned slice) in place of a FLUX single block's fused MLP (see :class:`FusedMLPOut`)."""
+    dim = block.proj_out.out_features
+    W, b = block.proj_out.weight.detach(), block.proj_out.bias
+    attn_out = nn.Linear(dim, dim, bias=b is not None, device=W.device, dtype=W.dtype)
+    with torch.no_grad():
+        attn_out.weight.copy_(W[:, :dim])
+        if b is not None:
+            attn_out.bias.copy_(b)
+    block.proj_mlp, block.act_mlp = nn.Identity(), nn.Identity()
+    block.proj_out = FusedMLPOut(attn_out, mlp)
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -265,9 +323,15 @@ def calibrate(
             current.setdefault(name, {})["h"] = args[0]
         return hook
 
+    def post_out(name):
+        def hook(_m, _args, out):
+            current.setdefault(name, {})["h"] = out
+        return hook
+
     for n, m in ffns.items():
-        handles.append(m.register_forward_pre_hook(pre_ffn(n)))
-        handles.append(_out_linear(m).register_forward_pre_hook(pre_out(n)))
+        x_mod, h_mod, h_is_output = _probes(m)
+        handles.append(x_mod.register_forward_pre_hook(pre_ffn(n)))
+        handles.append(h_mod.register_forward_hook(post_out(n)) if h_is_output else h_mod.register_forward_pre_hook(pre_out(n)))
     saved = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     model.eval()
@@ -445,7 +509,10 @@ def dense_to_moe(
     out = {}
     for i, (n, m) in enumerate(ffns.items()):
         moe = convert_ffn(m, cfg, stats.get(n), n, seed + i)
-        _set_module(model, n, moe)
+        if _is_flux_single(m):
+            _install_fused(m, moe)
+        else:
+            _set_module(model, n, moe)
         out[n] = moe
     model.dense2moe_config = cfg
     return out
@@ -640,7 +707,10 @@ def prune_ffns_magnitude(model: nn.Module, keep_fraction: float, names: Optional
         keep = max(1, round(w.hidden * keep_fraction))
         ids = torch.argsort(score, descending=True)[:keep].sort().values
         new = SlicedFFN.from_weights(w, ids, out_bias=True)
-        _set_module(model, n, new)
+        if _is_flux_single(m):
+            _install_fused(m, new)
+        else:
+            _set_module(model, n, new)
         out[n] = new
     return out
 
