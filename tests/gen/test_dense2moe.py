@@ -184,3 +184,14 @@ def test_bad_input_names_module_and_numbers():
         d2m.add_mob(model, d2m.MoBConfig())
     with pytest.raises(ValueError, match=r"top_k=3 must be in \[1, 2\]"):
         d2m.MoBGroup([nn.Identity(), nn.Identity()], 4, 3, [0, 1])
+
+
+def test_balanced_kmeans_recovers_separated_groups_with_equal_sizes():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 5
+    feats = torch.cat([centers[i] + 0.1 * torch.randn(10, 16, generator=g) for i in range(4)])
+    groups = d2m._balanced_kmeans(feats[torch.randperm(40, generator=g)], 4, 10, 10, g)
+    assert [grp.numel() for grp in groups] == [10] * 4
+    assert torch.equal(torch.cat(groups).sort().values, torch.arange(40))
+    unbalanced = torch.cat([centers[0] + 0.1 * torch.randn(30, 16, generator=g), centers[1] + 0.1 * torch.randn(10, 16, generator=g)])
+    assert [grp.numel() for grp in d2m._balanced_kmeans(unbalanced, 4, 10, 5, g)] == [10] * 4

@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/bench/dense2moe.json")
     ap.add_argument("--quick", action="store_true", help="tiny sizes and steps (a smoke run, numbers meaningless)")
     ap.add_argument("--classifier-steps", type=int, default=300)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a preset field, e.g. --set train.steps=400 --set dit.dim=48 (YAML values)")
     args = ap.parse_args(argv)
 
     from vision3d.gen.quality import train_classifier
@@ -43,6 +45,20 @@ def main(argv=None) -> int:
     from vision3d.utils.io import write_text_atomic
 
     cfg = load_gen_config(args.preset)
+    if args.set:
+        import yaml
+
+        from vision3d.gen.recipe import _update
+
+        for item in args.set:
+            key, _, value = item.partition("=")
+            nested: dict = {}
+            node = nested
+            parts = key.split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = yaml.safe_load(value)
+            cfg = _update(cfg, nested, f"--set {item}")
     if args.quick:
         cfg.dit.dim, cfg.dit.depth = 32, 4
         cfg.train.steps, cfg.kd.optim.steps, cfg.mob_stage.optim.steps = 20, 5, 5

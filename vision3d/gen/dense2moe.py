@@ -390,6 +390,32 @@ def _check_split(cfg: Dense2MoEConfig, hidden: int, name: str) -> int:
     return hidden // cfg.num_slices
 
 
+def _balanced_assign(sim: Tensor, size: int) -> Tensor:
+    """Rows of ``sim`` ``[M, k]`` to columns, each column taking exactly ``size`` rows, greedily by similarity.
+
+    Rounds (at most ``k``): every unassigned row bids for its most similar column with room left; a
+    column takes its most similar bidders up to its room. Loops over columns, never over rows.
+    """
+    M, k = sim.shape
+    assign = torch.full((M,), -1, dtype=torch.long)
+    room = torch.full((k,), size, dtype=torch.long)
+    neg = torch.finfo(sim.dtype).min
+    while bool((assign < 0).any()):
+        s = sim.masked_fill((room == 0)[None, :], neg).masked_fill((assign >= 0)[:, None], neg)
+        val, best = s.max(1)
+        free = assign < 0
+        for c in range(k):
+            if room[c] == 0:
+                continue
+            cand = torch.nonzero(free & (best == c)).flatten()
+            if cand.numel() == 0:
+                continue
+            take = cand[torch.argsort(val[cand], descending=True)[: int(room[c])]]
+            assign[take] = c
+            room[c] -= take.numel()
+    return assign
+
+
 def _balanced_kmeans(feats: Tensor, k: int, size: int, iters: int, g: torch.Generator) -> list[Tensor]:
     """Split the rows of ``feats`` ``[M, D]`` (M = k * size) into ``k`` groups of ``size`` by balanced k-means."""
     M = feats.shape[0]
@@ -397,17 +423,8 @@ def _balanced_kmeans(feats: Tensor, k: int, size: int, iters: int, g: torch.Gene
     centroids = f[torch.randperm(M, generator=g)[:k]].clone()
     assign = torch.arange(M) % k
     for _ in range(max(iters, 1)):
-        sim = f @ centroids.T  # [M, k]
-        # greedy capacity-constrained assignment, most confident (row, centroid) pairs first
-        order = torch.argsort(sim.reshape(-1), descending=True)
-        assign = torch.full((M,), -1, dtype=torch.long)
-        room = torch.full((k,), size, dtype=torch.long)
-        rows, cols = order // k, order % k
-        for r, c in zip(rows.tolist(), cols.tolist()):
-            if assign[r] < 0 and room[c] > 0:
-                assign[r] = c
-                room[c] -= 1
-        new = torch.stack([f[assign == c].mean(0) for c in range(k)])
+        assign = _balanced_assign(f @ centroids.T, size)
+        new = torch.zeros_like(centroids).index_add_(0, assign, f)
         centroids = torch.nn.functional.normalize(new, dim=1)
     return [torch.nonzero(assign == c).flatten() for c in range(k)]
 
