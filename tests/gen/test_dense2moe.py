@@ -12,6 +12,8 @@ from vision3d.gen import dense2moe as d2m
 from vision3d.gen.dit import DiT, DiTConfig, flow_matching_loss, procedural_shapes
 from vision3d.layers.moe import MoE
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _dit(depth=4, dim=32, seed=0) -> DiT:
     torch.manual_seed(seed)

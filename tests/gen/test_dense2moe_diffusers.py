@@ -8,6 +8,8 @@ import torch
 from vision3d.gen import dense2moe as d2m
 from vision3d.layers.moe import MoE
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 diffusers = pytest.importorskip("diffusers")
 
 

@@ -7,6 +7,8 @@ import torch
 
 from vision3d.gen.dit import DiT, DiTConfig, flow_matching_inputs, flow_matching_loss, procedural_shapes, sample
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_procedural_shapes_are_deterministic_and_distinct_per_class():
     a, la = procedural_shapes(24, num_classes=6, seed=3)

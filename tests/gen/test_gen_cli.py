@@ -11,6 +11,8 @@ from vision3d.gen.dit import DiT
 from vision3d.gen.recipe import denoising_loss, load_gen_config
 from vision3d.utils.images import load_png
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = [
     "--cfg.dit.image-size", "8", "--cfg.dit.dim", "32", "--cfg.dit.depth", "4", "--cfg.dit.num-heads", "2",
     "--cfg.train.steps", "60", "--cfg.train.batch-size", "16", "--cfg.train.lr", "0.003", "--cfg.train.warmup-steps", "5",
@@ -24,7 +26,7 @@ def _metrics(run):
     return json.loads((run / "metrics.json").read_text())
 
 
-def test_gen_commands_end_to_end(tmp_path, one_thread):
+def test_gen_commands_end_to_end(tmp_path):
     dense, moe, pruned, kd, mob = (tmp_path / n for n in ("dense", "moe", "pruned", "kd", "mob"))
     assert main(["gen", "train", "--out", str(dense), *TINY]) == 0
     for f in ("config.yaml", "metrics.json", "samples.png", "model/model.safetensors", "model/config.json"):

@@ -9,6 +9,8 @@ from timm.layers import Mlp
 
 from vision3d.layers.moe import MoE, Routing, SlicedFFN, TopKRouter, balance_loss, ffn_weights, split_ffn
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _split_moe(mlp: Mlp, slices: int, shared: int, k: int) -> MoE:
     w = ffn_weights(mlp, "mlp")
