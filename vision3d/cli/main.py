@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "view": ("vision3d.cli.view", "viser viewer for a run folder or a PLY"),
     "export": ("vision3d.cli.export", "export a run to ply/splat/colmap/transforms"),
     "convert": ("vision3d.cli.convert", "convert authors' checkpoints to vision3d's layout"),
+    "gen": ("vision3d.cli.gen", "class-conditional DiT and Dense2MoE: train | convert | distill | sample"),
 }
 
 

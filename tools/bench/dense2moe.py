@@ -1,0 +1,139 @@
+"""Dense2MoE end to end on the small DiT, one run: train dense -> convert -> distil; vs a magnitude-pruned baseline.
+
+Rows (all from the same dense teacher):
+
+- ``dense``: the teacher;
+- ``moe_init``: stage 1, Taylor-initialised MoE FFNs (shared + top-k routed), no training;
+- ``moe_kd``: stage 2, output distillation + load balancing;
+- ``pruned_kd``: the teacher's FFNs magnitude-pruned to the MoE's activated FFN fraction, distilled with
+  the same budget (the paper's comparison at equal activated parameters);
+- ``moe_mob``: stage 3, Mixture of Blocks + group feature loss on top of ``moe_kd``.
+
+Columns: activated / total parameters (and the activated ratio to dense), the held-out flow-matching
+(denoising) loss, and the sample-quality proxy: accuracy of a classifier trained here on real
+procedural images at recognising the requested class of 256 samples, and the Fréchet distance of its
+features between samples and real images (lower is better).
+
+    PYTHONPATH=. OMP_NUM_THREADS=2 python tools/bench/dense2moe.py --out runs/bench/dense2moe.json
+
+Measured 2026-12-03 on the shared 2-core CPU machine, default preset (configs/gen/dense2moe.yaml:
+dim 64, depth 6, 800 dense steps, 200 + 200 distillation steps, 256 samples; 9.5 min wall, one thread;
+classifier accuracy on real held-out images 1.000, chance on samples 0.25)::
+
+    model       activated     total act/dense  denoise    acc      FD
+    dense          466.7k    466.7k     1.000   0.1789  0.379 410.293
+    moe_init       345.5k    469.4k     0.740   0.3250  0.348 371.564
+    moe_kd         345.5k    469.4k     0.740   0.1936  0.387 434.124
+    pruned_kd      342.9k    342.9k     0.735   0.1874  0.375 428.463
+    moe_mob        236.8k    469.6k     0.507   0.2444  0.328 573.956
+    seconds: classifier 15, dense 180, convert 1.5, kd 59, pruned_kd 40, mob 36
+
+Reading: distillation recovers most of the conversion loss (0.325 -> 0.194 vs the teacher's
+0.179); at equal activated parameters the distilled MoE and the distilled magnitude-pruned model
+are within noise of each other (0.194 vs 0.187), so the paper's advantage of MoE over pruning is
+not reproduced at this scale and budget. The teacher is undertrained (samples are coloured blobs,
+class accuracy 0.38), so the sample proxy separates little; MoB (51% activated) costs the most.
+A shrunk run (dim 48, 400 dense / 120 + 120 distillation steps) gave the same ordering.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default=str(Path(__file__).resolve().parents[2] / "configs/gen/dense2moe.yaml"))
+    ap.add_argument("--out", default="runs/bench/dense2moe.json")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes and steps (a smoke run, numbers meaningless)")
+    ap.add_argument("--classifier-steps", type=int, default=300)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a preset field, e.g. --set train.steps=400 --set dit.dim=48 (YAML values)")
+    args = ap.parse_args(argv)
+
+    from vision3d.gen.quality import train_classifier
+    from vision3d.gen.recipe import convert, distill, evaluate, load_gen_config, prune, sample_grid, train_dense, draw_samples
+    from vision3d.utils.images import save_png
+    from vision3d.utils.io import write_text_atomic
+
+    cfg = load_gen_config(args.preset)
+    if args.set:
+        import yaml
+
+        from vision3d.gen.recipe import _update
+
+        for item in args.set:
+            key, _, value = item.partition("=")
+            nested: dict = {}
+            node = nested
+            parts = key.split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = yaml.safe_load(value)
+            cfg = _update(cfg, nested, f"--set {item}")
+    if args.quick:
+        cfg.dit.dim, cfg.dit.depth = 32, 4
+        cfg.train.steps, cfg.kd.optim.steps, cfg.mob_stage.optim.steps = 20, 5, 5
+        cfg.sample.num, args.classifier_steps = 32, 20
+    cfg.progress = sys.stderr.isatty()
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    times = {}
+
+    t0 = time.time()
+    clf, clf_acc = train_classifier(cfg.dit.num_classes, size=cfg.dit.image_size, steps=args.classifier_steps)
+    times["classifier"] = time.time() - t0
+    t0 = time.time()
+    teacher, dense_hist = train_dense(cfg)
+    times["dense"] = time.time() - t0
+    t0 = time.time()
+    moe = convert(teacher, cfg)
+    times["convert"] = time.time() - t0
+
+    rows = {"dense": evaluate(teacher, cfg, clf), "moe_init": evaluate(moe, cfg, clf)}
+    t0 = time.time()
+    moe, kd_hist = distill(moe, teacher, cfg, "kd")
+    times["kd"] = time.time() - t0
+    rows["moe_kd"] = evaluate(moe, cfg, clf)
+    t0 = time.time()
+    pruned, pr_hist = distill(prune(teacher, cfg), teacher, cfg, "kd")
+    times["pruned_kd"] = time.time() - t0
+    rows["pruned_kd"] = evaluate(pruned, cfg, clf)
+    t0 = time.time()
+    mob, mob_hist = distill(copy.deepcopy(moe), teacher, cfg, "mob")
+    times["mob"] = time.time() - t0
+    rows["moe_mob"] = evaluate(mob, cfg, clf)
+
+    dense_act = rows["dense"]["activated_params"]
+    print(f"classifier accuracy on real held-out images: {clf_acc:.3f}")
+    print(f"{'model':<10} {'activated':>10} {'total':>9} {'act/dense':>9} {'denoise':>8} {'acc':>6} {'FD':>7}")
+    for name, r in rows.items():
+        r["activated_ratio"] = r["activated_params"] / dense_act
+        print(
+            f"{name:<10} {r['activated_params'] / 1e3:>9.1f}k {r['total_params'] / 1e3:>8.1f}k {r['activated_ratio']:>9.3f} "
+            f"{r['denoise_loss']:>8.4f} {r['sample_accuracy']:>6.3f} {r['sample_fd']:>7.3f}"
+        )
+    print("seconds:", {k: round(v, 1) for k, v in times.items()})
+    out = Path(args.out)
+    result = {
+        "config": args.preset, "quick": args.quick, "classifier_real_accuracy": clf_acc, "rows": rows, "seconds": times,
+        "history": {"dense": dense_hist, "kd": kd_hist, "pruned_kd": pr_hist, "mob": mob_hist},
+    }
+    write_text_atomic(out, json.dumps(result, indent=1))
+    for name, model in (("dense", teacher), ("moe_kd", moe), ("pruned_kd", pruned), ("moe_mob", mob)):
+        cfg.sample.num = 4 * cfg.dit.num_classes
+        imgs, _ = draw_samples(model, cfg)
+        order = torch.arange(imgs.shape[0]).reshape(4, cfg.dit.num_classes).T.reshape(-1)  # one row per class
+        save_png(out.with_name(f"{out.stem}_{name}.png"), sample_grid(imgs[order], nrow=4))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
