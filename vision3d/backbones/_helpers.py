@@ -1,18 +1,18 @@
 """Helpers shared by the vision3d backbones: local-only pretrained weights, checkpoint
 unwrapping, and errors that name the variant, key and shape when a checkpoint does not fit."""
 
-from __future__ import annotations
-
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+from timm.layers import register_notrace_function
 from timm.models._builder import resolve_pretrained_cfg
 
 from vision3d.utils.state import state_dict_differences
 
-__all__ = ["require_local_weights", "unwrap_state_dict", "check_converted_state_dict", "check_input"]
+__all__ = ["require_local_weights", "unwrap_state_dict", "check_converted_state_dict", "check_input", "factory_device"]
 
 
 def require_local_weights(variant: str, pretrained: bool, kwargs: Dict[str, Any], where: str) -> None:
@@ -83,8 +83,24 @@ def check_converted_state_dict(
         )
 
 
+@register_notrace_function  # FX keeps it as one call that runs on the real tensor (its branches read shapes)
 def check_input(x: torch.Tensor, in_chans: int, name: str) -> None:
+    """Raise ``ValueError`` naming the model unless ``x`` is ``[B, in_chans, H, W]`` with ``H, W >= 1``.
+
+    Shape-only checks: TorchScript compiles it, FX records it as a leaf call (timm's
+    ``register_notrace_function``), ``torch.compile``/``torch.export`` resolve it at trace time.
+    """
     if x.ndim != 4 or x.shape[1] != in_chans:
-        raise ValueError(f"{name}: expected an image batch [B, {in_chans}, H, W], got shape {tuple(x.shape)}")
+        raise ValueError(f"{name}: expected an image batch [B, {in_chans}, H, W], got shape {list(x.shape)}")
     if x.shape[2] < 1 or x.shape[3] < 1:
-        raise ValueError(f"{name}: input spatial size must be at least 1x1, got {tuple(x.shape[2:])}")
+        raise ValueError(f"{name}: input spatial size must be at least 1x1, got {list(x.shape[2:])}")
+
+
+@contextmanager
+def factory_device(device: Optional[Union[str, torch.device]]) -> Iterator[None]:
+    """Build a model's modules directly on ``device`` (timm's ``create_model(device=...)``); no-op for ``None``."""
+    if device is None:
+        yield
+    else:
+        with torch.device(device):
+            yield

@@ -47,8 +47,6 @@ rounded to one decimal; both columns equal the authors' code (training structure
 their ``replace_batchnorm``) with 1000 classes.
 """
 
-from __future__ import annotations
-
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -61,8 +59,8 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 from timm.utils.model import reparameterize_model
 
-from vision3d.backbones._helpers import check_converted_state_dict, require_local_weights, unwrap_state_dict
-from vision3d.backbones._helpers import check_input as _check_input
+from vision3d.backbones._helpers import check_converted_state_dict, factory_device, require_local_weights, unwrap_state_dict
+from vision3d.backbones._helpers import check_input
 
 __all__ = ["FFNet", "checkpoint_filter_fn"]
 
@@ -291,6 +289,7 @@ class FFNet(nn.Module):
         use_gelus: GELU (True) or ReLU per stage.
         layer_scale_init_value: layer-scale init (None or 0 = no layer scale).
         in_chans, num_classes, global_pool, drop_rate, drop_path_rate: timm's meanings.
+        device, dtype: where and in which dtype parameters are created (timm's ``create_model`` arguments).
     """
 
     def __init__(
@@ -310,8 +309,22 @@ class FFNet(nn.Module):
         global_pool: str = "avg",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
+        with factory_device(device):
+            self._build(
+                embed_dims, depths, stem_chs, kernel_sizes, kernel_sizes1, kernel_sizes2, expansion_ratios, use_ses,
+                use_gelus, layer_scale_init_value, in_chans, num_classes, global_pool, drop_rate, drop_path_rate,
+            )
+        if dtype is not None:
+            self.to(dtype=dtype)
+
+    def _build(
+        self, embed_dims, depths, stem_chs, kernel_sizes, kernel_sizes1, kernel_sizes2, expansion_ratios, use_ses,
+        use_gelus, layer_scale_init_value, in_chans, num_classes, global_pool, drop_rate, drop_path_rate,
+    ) -> None:
         n = len(embed_dims)
         for name, seq in dict(
             depths=depths,
@@ -337,7 +350,7 @@ class FFNet(nn.Module):
         total = sum(depths)
         dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linspace(0, rate, total)
         stages, cursor = [], 0
-        self.feature_info: List[Dict[str, Any]] = []
+        self.feature_info = []
         for i, dim in enumerate(embed_dims):
             act = nn.GELU if use_gelus[i] else nn.ReLU
             blocks = [
@@ -412,6 +425,13 @@ class FFNet(nn.Module):
         self.head.reset(num_classes, pool_type=global_pool)
 
     def _name(self) -> str:
+        """Variant name for error messages (``"FFNet"`` under TorchScript, which cannot read the cfg dict)."""
+        if torch.jit.is_scripting():
+            return "FFNet"
+        return self._variant_name()
+
+    @torch.jit.unused
+    def _variant_name(self) -> str:
         cfg = getattr(self, "pretrained_cfg", None) or {}
         return cfg.get("architecture", type(self).__name__)
 
@@ -427,7 +447,7 @@ class FFNet(nn.Module):
         """Stage outputs (strides 4..32, NCHW); ``norm`` applies the final BatchNorm to the last one."""
         if output_fmt != "NCHW":
             raise ValueError(f"{self._name()}: output_fmt must be 'NCHW', got {output_fmt!r}")
-        _check_input(x, self.in_chans, self._name())
+        check_input(x, self.in_chans, self._name())
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         intermediates = []
         last = len(self.stages) - 1
@@ -460,7 +480,7 @@ class FFNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, in_chans, H, W] -> [B, num_features, ceil(H/32), ceil(W/32)] (after the final BatchNorm)."""
-        _check_input(x, self.in_chans, self._name())
+        check_input(x, self.in_chans, self._name())
         x = self.stem(x)
         x = self.stages(x)  # each stage checkpoints its blocks when grad checkpointing is on
         return self.norm(x)
