@@ -62,7 +62,7 @@ from timm.utils.model import reparameterize_model
 from vision3d.backbones._helpers import check_converted_state_dict, factory_device, require_local_weights, unwrap_state_dict
 from vision3d.backbones._helpers import check_input
 
-__all__ = ["FFNet", "checkpoint_filter_fn"]
+__all__ = ["FFNet", "checkpoint_filter_fn", "checkpoint_layout"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,6 +514,7 @@ def _convert_authors(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         k = re.sub(r"^patch_embed\.", "stem.", k)
         k = re.sub(r"^stages\.(\d+)\.0\.proj\.0\.", r"stages.\1.downsample.dw.", k)
         k = re.sub(r"^stages\.(\d+)\.0\.proj\.1\.conv\.", r"stages.\1.downsample.pw.", k)
+        k = re.sub(r"^stages\.(\d+)\.0\.proj\.1\.(weight|bias)$", r"stages.\1.downsample.pw.\2", k)  # fused (deploy)
 
         def _block(m: "re.Match[str]") -> str:
             i, j = int(m.group(1)), int(m.group(2))
@@ -533,18 +534,78 @@ def _convert_authors(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
+def checkpoint_layout(sd: Dict[str, torch.Tensor]) -> str:
+    """Which of the four FFNet key layouts a (unwrapped) state dict looks like.
+
+    ``"authors-train"`` (``models/ffnet.py``: ``patch_embed.0.c.weight`` + BatchNorms),
+    ``"authors-deploy"`` (after their ``export_model.replace_batchnorm``: fused convs such as
+    ``patch_embed.0.weight``), ``"vision3d-train"`` (``stem.0.conv.weight`` + ``stem.0.bn.*``),
+    ``"vision3d-deploy"`` (after :meth:`FFNet.reparameterize`: ``reparam_conv`` / biased ``stem.0.conv``),
+    or ``"unknown"``.
+    """
+    if any(k.startswith("patch_embed.") for k in sd):
+        return "authors-train" if "patch_embed.0.c.weight" in sd or any(".c.weight" in k for k in sd) else "authors-deploy"
+    if any(k.startswith("stem.") for k in sd):
+        deploy = any(".reparam_conv." in k for k in sd) or "stem.0.conv.bias" in sd
+        return "vision3d-deploy" if deploy else "vision3d-train"
+    return "unknown"
+
+
+_LAYOUT_WORDS = {
+    "authors-train": "the authors' training layout (models/ffnet.py)",
+    "authors-deploy": "the authors' re-parameterised layout (export_model.replace_batchnorm)",
+    "vision3d-train": "vision3d's training layout",
+    "vision3d-deploy": "vision3d's re-parameterised layout (FFNet.reparameterize())",
+    "unknown": "no FFNet layout (neither patch_embed.* nor stem.* keys)",
+}
+
+
+def _is_deployed(model: nn.Module) -> bool:
+    return any(isinstance(m, (RepDwConv, BnConvSkip)) and m.reparam_conv is not None for m in model.modules())
+
+
+def _resolve_deploy_keys(sd: Dict[str, torch.Tensor], own: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """Place fused authors' tensors (``P.weight`` of a module the authors replaced by one conv) on our
+    re-parameterised modules: ``P.weight``, ``P.conv.weight`` (fused ConvBn) or ``P.reparam_conv.weight``."""
+    own_set = set(own)
+    out = {}
+    for k, v in sd.items():
+        if k in own_set:
+            out[k] = v
+            continue
+        prefix, _, leaf = k.rpartition(".")
+        for cand in (f"{prefix}.conv.{leaf}", f"{prefix}.reparam_conv.{leaf}"):
+            if cand in own_set:
+                out[cand] = v
+                break
+        else:
+            out[k] = v  # left for the fit check to report
+    return out
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Convert an FFNet checkpoint (the authors' layout, or ours) to this model's keys.
+    """Convert an FFNet checkpoint (the authors' layout or ours, training or re-parameterised) to this model's keys.
 
     Accepts EMA / ``model`` / ``state_dict`` wrappers and a ``module.`` prefix (the authors'
     ``.pth.tar`` files hold ``state_dict`` and ``state_dict_ema``; the EMA is preferred, as in
-    timm). Raises ``ValueError`` naming the variant, keys and shapes when the checkpoint is from
-    another variant.
+    timm). A re-parameterised checkpoint (the authors' ``export_model.py`` output, or ours) first
+    turns ``model`` into its deploy structure in place (:meth:`FFNet.reparameterize`). Raises
+    ``ValueError`` naming the variant, keys and shapes, and the layout the checkpoint looks like,
+    when it does not fit.
     """
     sd = unwrap_state_dict(state_dict)
-    if any(k.startswith("patch_embed.") for k in sd):
+    layout = checkpoint_layout(sd)
+    if layout in ("authors-deploy", "vision3d-deploy") and not _is_deployed(model):
+        reparameterize_model(model, inplace=True)
+    if layout.startswith("authors"):
         sd = _convert_authors(sd)
-    check_converted_state_dict(sd, model, skip=("head.fc.",))
+        if layout == "authors-deploy":
+            sd = _resolve_deploy_keys(sd, list(model.state_dict().keys()))
+    try:
+        check_converted_state_dict(sd, model, skip=("head.fc.",))
+    except ValueError as e:
+        structure = "re-parameterised" if _is_deployed(model) else "training"
+        raise ValueError(f"{e} [the checkpoint looks like {_LAYOUT_WORDS[layout]}; the model has the {structure} structure]") from None
     return sd
 
 
