@@ -12,7 +12,7 @@ from timm.models._builder import resolve_pretrained_cfg
 
 from vision3d.utils.state import state_dict_differences
 
-__all__ = ["require_local_weights", "unwrap_state_dict", "check_converted_state_dict", "check_input", "factory_device"]
+__all__ = ["require_local_weights", "unwrap_state_dict", "check_converted_state_dict", "check_input", "factory_device", "bn_scale_shift", "conv_with_weights", "fuse_conv_bn"]
 
 
 def require_local_weights(variant: str, pretrained: bool, kwargs: Dict[str, Any], where: str) -> None:
@@ -104,3 +104,42 @@ def factory_device(device: Optional[Union[str, torch.device]]) -> Iterator[None]
     else:
         with torch.device(device):
             yield
+
+
+def bn_scale_shift(bn: nn.BatchNorm2d) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Eval-mode BatchNorm as ``y = scale * x + shift`` (both ``[C]``; affine-free norms use 1 and 0)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    shift = -bn.running_mean * scale
+    if bn.weight is not None:
+        scale = scale * bn.weight
+        shift = shift * bn.weight + bn.bias
+    return scale, shift
+
+
+def conv_with_weights(like: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
+    """A biased ``nn.Conv2d`` with ``like``'s geometry holding ``weight`` and ``bias``."""
+    conv = nn.Conv2d(
+        like.in_channels,
+        like.out_channels,
+        like.kernel_size,
+        stride=like.stride,
+        padding=like.padding,
+        dilation=like.dilation,
+        groups=like.groups,
+        bias=True,
+        padding_mode=like.padding_mode,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+    return conv
+
+
+@torch.no_grad()
+def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """``bn(conv(x))`` (BatchNorm in eval mode) as one biased conv."""
+    scale, shift = bn_scale_shift(bn)
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    return conv_with_weights(conv, conv.weight * scale[:, None, None, None], bias)

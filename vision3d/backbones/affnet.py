@@ -50,9 +50,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import ConvNormAct as _TimmConvNormAct
 from timm.layers import (
     ClassifierHead,
-    ConvNormAct,
     DropPath,
     GroupNorm1,
     make_divisible,
@@ -62,7 +62,13 @@ from timm.layers import (
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from vision3d.backbones._helpers import check_converted_state_dict, factory_device, require_local_weights, unwrap_state_dict
+from vision3d.backbones._helpers import (
+    check_converted_state_dict,
+    factory_device,
+    fuse_conv_bn,
+    require_local_weights,
+    unwrap_state_dict,
+)
 from vision3d.backbones._helpers import check_input
 
 __all__ = ["AFFNet", "checkpoint_filter_fn"]
@@ -71,6 +77,19 @@ __all__ = ["AFFNet", "checkpoint_filter_fn"]
 # ---------------------------------------------------------------------------------------------
 # blocks
 # ---------------------------------------------------------------------------------------------
+class ConvNormAct(_TimmConvNormAct):
+    """timm's ``ConvNormAct`` (same keys) with ``reparameterize()``: BatchNorm folded into a biased conv,
+    its activation kept (``timm.utils.reparameterize_model`` finds it)."""
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        bn = self.bn
+        if not isinstance(bn, nn.BatchNorm2d):
+            return  # already fused (or no norm)
+        self.conv = fuse_conv_bn(self.conv, bn)
+        self.bn = nn.Sequential(getattr(bn, "drop", nn.Identity()), getattr(bn, "act", nn.Identity()))
+
+
 class MobileBlock(nn.Module):
     """MobileNetV2 inverted residual: 1x1 expand -> 3x3 depthwise (stride) -> 1x1 project (no act).
 
@@ -337,6 +356,21 @@ class AFFNet(nn.Module):
             trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+    # --- re-parameterisation -------------------------------------------------------------------
+    @torch.no_grad()
+    def reparameterize(self) -> "AFFNet":
+        """Fold every BatchNorm into its conv (inference structure) in place; returns ``self``.
+
+        Each ``ConvNormAct`` becomes a biased conv followed by its activation; outputs are unchanged up to
+        float32 re-association (the GroupNorms of the AFF layers depend on the input and stay). Same
+        as ``timm.utils.reparameterize_model(model)``. The state dict then has the fused layout
+        (``*.conv.bias``, no ``*.bn.*``); call it after loading the training checkpoint.
+        """
+        for m in self.modules():
+            if isinstance(m, ConvNormAct):
+                m.reparameterize()
+        return self
 
     # --- timm API ----------------------------------------------------------------------------
     @torch.jit.ignore

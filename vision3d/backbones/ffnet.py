@@ -59,7 +59,14 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 from timm.utils.model import reparameterize_model
 
-from vision3d.backbones._helpers import check_converted_state_dict, factory_device, require_local_weights, unwrap_state_dict
+from vision3d.backbones._helpers import (
+    bn_scale_shift,
+    check_converted_state_dict,
+    conv_with_weights,
+    factory_device,
+    require_local_weights,
+    unwrap_state_dict,
+)
 from vision3d.backbones._helpers import check_input
 
 __all__ = ["FFNet", "checkpoint_filter_fn", "checkpoint_layout"]
@@ -68,30 +75,6 @@ __all__ = ["FFNet", "checkpoint_filter_fn", "checkpoint_layout"]
 # ---------------------------------------------------------------------------------------------
 # re-parameterisable blocks
 # ---------------------------------------------------------------------------------------------
-def _bn_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BatchNorm as ``y = scale * x + shift`` (both [C])."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
-
-
-def _new_conv(like: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
-    conv = nn.Conv2d(
-        like.in_channels,
-        like.out_channels,
-        like.kernel_size,
-        stride=like.stride,
-        padding=like.padding,
-        dilation=like.dilation,
-        groups=like.groups,
-        bias=True,
-        device=weight.device,
-        dtype=weight.dtype,
-    )
-    conv.weight.data.copy_(weight)
-    conv.bias.data.copy_(bias)
-    return conv
-
-
 class ConvBn(nn.Module):
     """Conv (no bias, 'same' padding ``k // 2``) followed by BatchNorm; fuses into one biased conv."""
 
@@ -107,7 +90,7 @@ class ConvBn(nn.Module):
     def fused_weight_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self.bn, nn.Identity):
             return self.conv.weight, self.conv.bias
-        scale, shift = _bn_scale_shift(self.bn)
+        scale, shift = bn_scale_shift(self.bn)
         return self.conv.weight * scale[:, None, None, None], shift
 
     @torch.no_grad()
@@ -115,7 +98,7 @@ class ConvBn(nn.Module):
         if isinstance(self.bn, nn.Identity):
             return
         w, b = self.fused_weight_bias()
-        self.conv = _new_conv(self.conv, w, b)
+        self.conv = conv_with_weights(self.conv, w, b)
         self.bn = nn.Identity()
 
 
@@ -146,7 +129,7 @@ class RepDwConv(nn.Module):
         wl, bl = self.large.fused_weight_bias()
         ws, bs = self.small.fused_weight_bias()
         pad = (wl.shape[-1] - ws.shape[-1]) // 2
-        self.reparam_conv = _new_conv(self.large.conv, wl + F.pad(ws, [pad] * 4), bl + bs)
+        self.reparam_conv = conv_with_weights(self.large.conv, wl + F.pad(ws, [pad] * 4), bl + bs)
         self.large = None
         self.small = None
 
@@ -169,12 +152,12 @@ class BnConvSkip(nn.Module):
     def reparameterize(self) -> None:
         if self.reparam_conv is not None:
             return
-        scale, shift = _bn_scale_shift(self.bn)
+        scale, shift = bn_scale_shift(self.bn)
         w = self.conv.weight  # [C, C, 1, 1]
         fused_w = w * scale[None, :, None, None]
         fused_b = w[:, :, 0, 0] @ shift
         eye = torch.eye(w.shape[0], device=w.device, dtype=w.dtype)[:, :, None, None]
-        self.reparam_conv = _new_conv(self.conv, fused_w + eye, fused_b)
+        self.reparam_conv = conv_with_weights(self.conv, fused_w + eye, fused_b)
         self.bn = None
         self.conv = None
 
