@@ -12,7 +12,7 @@ from timm.models._builder import resolve_pretrained_cfg
 
 from vision3d.utils.state import state_dict_differences
 
-__all__ = ["require_local_weights", "unwrap_state_dict", "check_converted_state_dict", "check_input", "factory_device", "bn_scale_shift", "conv_with_weights", "fuse_conv_bn"]
+__all__ = ["require_local_weights", "unwrap_state_dict", "check_converted_state_dict", "check_input", "factory_device", "is_tracing", "bn_scale_shift", "conv_with_weights", "fuse_conv_bn"]
 
 
 def require_local_weights(variant: str, pretrained: bool, kwargs: Dict[str, Any], where: str) -> None:
@@ -143,3 +143,11 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     scale, shift = bn_scale_shift(bn)
     bias = shift if conv.bias is None else conv.bias * scale + shift
     return conv_with_weights(conv, conv.weight * scale[:, None, None, None], bias)
+
+
+def is_tracing() -> bool:
+    """True under FX symbolic tracing, ``torch.compile`` and ``torch.export`` (eager-only caches step aside)."""
+    import torch.fx._symbolic_trace as fx_trace
+
+    symbolic = getattr(fx_trace, "is_fx_symbolic_tracing", None) or fx_trace.is_fx_tracing
+    return torch.compiler.is_compiling() or symbolic()

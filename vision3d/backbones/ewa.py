@@ -68,10 +68,15 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter_fn
 from torch import Tensor
-from torch.fx._symbolic_trace import is_fx_tracing
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from vision3d.backbones._helpers import check_converted_state_dict, check_input, require_local_weights, unwrap_state_dict
+from vision3d.backbones._helpers import (
+    check_converted_state_dict,
+    check_input,
+    is_tracing,
+    require_local_weights,
+    unwrap_state_dict,
+)
 from vision3d.layers.moe import MoE, RandomUniformPartitionRouter, experts_mean_state
 
 __all__ = [
@@ -170,7 +175,7 @@ class EWAMoE(MoE):
 
     @torch.jit.unused
     def _refresh_if_stale(self) -> None:
-        if torch.compiler.is_compiling() or is_fx_tracing():
+        if is_tracing():
             return
         if self._mean_key != self._experts_key():
             self.refresh_mean()

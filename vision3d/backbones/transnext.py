@@ -92,11 +92,11 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from torch import Tensor
-from torch.fx._symbolic_trace import is_fx_tracing
 
 from vision3d.backbones._helpers import (
     check_converted_state_dict,
     check_input,
+    is_tracing,
     factory_device,
     require_local_weights,
     unwrap_state_dict,
@@ -303,7 +303,7 @@ class _CpbAttention(nn.Module):
 
     @torch.jit.unused
     def _cached_position_bias(self, geom: Geometry, n_query: int, n_key: int) -> Tensor:
-        if self.training or is_fx_tracing() or torch.compiler.is_compiling() or self._cpb_needs_grad():
+        if self.training or is_tracing() or self._cpb_needs_grad():
             return self.compute_position_bias(geom, n_query, n_key)
         return self.cpb_cache.get(self, geom, n_query, n_key)
 
@@ -822,7 +822,7 @@ class TransNeXtStage(nn.Module):
 
     @torch.jit.unused
     def _cached_geometry(self, hw: Tuple[int, int], device: torch.device) -> Geometry:
-        if is_fx_tracing() or torch.compiler.is_compiling():
+        if is_tracing():
             return self._build_geometry(hw[0], hw[1], device)
         key = (hw[0], hw[1], str(device))
         geom = self._geom_cache.get(key)
