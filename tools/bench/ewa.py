@@ -8,7 +8,8 @@ Its full text (share rates, placements) was not reachable here, so this script s
 defaults by experiment.
 
 Task: 10 classes = 5 shapes (square, disc, ring, cross, bar) x 2 textures (horizontal / vertical
-stripes inside the shape), random position, size, colours and pixel noise, 32 x 32 RGB; a fixed
+stripes inside the shape), random position, size, bright shape colour on a dark background, pixel
+noise, 32 x 32 RGB; a fixed
 training set of ``--train`` images (small, so regularisation matters) and a held-out set.
 Model: timm ``VisionTransformer`` (patch 8, width 64, depth 4, 2 heads, 4 experts per MoE). Every
 configuration uses the same seeds, data, initial weights, optimiser (AdamW, cosine schedule) and
@@ -63,10 +64,10 @@ def make_data(n: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Te
     period = 2.0 + torch.rand(n, generator=g)[:, None, None] * 2
     coord = torch.where(texture[:, None, None] == 0, yy[None], xx[None])
     stripes = (torch.sin(coord * 2 * math.pi / period) > 0).float()
-    fg = torch.rand(n, 3, generator=g)[:, :, None, None]
-    bg = torch.rand(n, 3, generator=g)[:, :, None, None]
-    img = torch.where(masks[:, None], fg * (0.5 + 0.5 * stripes[:, None]), bg)
-    img = (img + 0.15 * torch.randn(img.shape, generator=g)).clamp(0, 1)
+    fg = 0.6 + 0.4 * torch.rand(n, 3, generator=g)[:, :, None, None]
+    bg = 0.3 * torch.rand(n, 3, generator=g)[:, :, None, None]
+    img = torch.where(masks[:, None], fg * (0.4 + 0.6 * stripes[:, None]), bg)
+    img = (img + 0.1 * torch.randn(img.shape, generator=g)).clamp(0, 1)
     return img, labels
 
 
@@ -106,7 +107,7 @@ def train_eval(cfg: dict, seed: int, data, args) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--train", type=int, default=1500)
@@ -119,7 +120,7 @@ def main() -> None:
     data = (make_data(args.train, 1000), make_data(args.test, 2000))
     configs = [dict(name="dense", moe_blocks=(), share_rate=None)]
     for blocks, where in (((1, 3), "every other (1, 3)"), ((2, 3), "last two (2, 3)")):
-        for beta in (0.1, 0.3, 0.5):
+        for beta in (0.1, 0.5):
             configs.append(dict(name=f"EWA beta={beta} {where}", moe_blocks=blocks, share_rate=beta))
     results = []
     t0 = time.time()

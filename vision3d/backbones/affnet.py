@@ -55,6 +55,7 @@ from timm.layers import (
     ClassifierHead,
     DropPath,
     GroupNorm1,
+    get_device_dtype,
     make_divisible,
     register_notrace_module,
     trunc_normal_,
@@ -176,6 +177,8 @@ class AdaptiveFrequencyFilter(nn.Module):
 
     @torch.jit.unused
     def _filter_autocast_off(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.amp.is_autocast_available(x.device.type):  # e.g. the meta device: no autocast to leave
+            return self._filter(x.float())
         with torch.autocast(device_type=x.device.type, enabled=False):
             return self._filter(x.float())
 
@@ -401,7 +404,7 @@ class AFFNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
+        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))  # new head where the model is
 
     def _name(self) -> str:
         """Variant name for error messages (``"AFFNet"`` under TorchScript, which cannot read the cfg dict)."""

@@ -54,7 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, LayerScale2d, SqueezeExcite, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, LayerScale2d, SqueezeExcite, get_device_dtype, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.utils.model import reparameterize_model
@@ -405,7 +405,7 @@ class FFNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
+        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))  # new head where the model is
 
     def _name(self) -> str:
         """Variant name for error messages (``"FFNet"`` under TorchScript, which cannot read the cfg dict)."""

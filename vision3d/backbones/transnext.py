@@ -87,7 +87,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, register_notrace_function, to_2tuple, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, get_device_dtype, register_notrace_function, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
@@ -1066,7 +1066,7 @@ class TransNeXt(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
+        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))  # new head where the model is
 
     def forward_intermediates(
         self,
