@@ -12,20 +12,30 @@ from timm.models._builder import resolve_pretrained_cfg
 
 from vision3d.utils.state import state_dict_differences
 
-__all__ = ["require_local_weights", "unwrap_state_dict", "check_converted_state_dict", "check_input", "factory_device", "is_tracing", "bn_scale_shift", "conv_with_weights", "fuse_conv_bn"]
+__all__ = ["require_local_weights", "local_weights_path", "unwrap_state_dict", "check_converted_state_dict", "check_input", "factory_device", "is_tracing", "bn_scale_shift", "conv_with_weights", "fuse_conv_bn"]
+
+
+def local_weights_path(url: str) -> Path:
+    """Where vision3d looks for a downloaded checkpoint of ``url``: timm's/torch's hub cache,
+    ``<torch.hub.get_dir()>/checkpoints/<file name of the url>``."""
+    name = url.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
 
 
 def require_local_weights(variant: str, pretrained: bool, kwargs: Dict[str, Any], where: str) -> None:
-    """Raise a clear error when ``pretrained=True`` has no local weights to load.
+    """Point ``pretrained=True`` at local weights, or raise an error that says where to get them.
 
-    vision3d never downloads weights at run time: ``pretrained=True`` needs
-    ``pretrained_cfg_overlay=dict(file=path)`` (or ``state_dict=...``).
+    vision3d never downloads weights at run time. ``pretrained=True`` uses, in this order,
+    ``pretrained_cfg_overlay=dict(file=path)`` (or ``state_dict=...``), then the checkpoint the authors
+    publish at the cfg's ``url`` if it was saved to :func:`local_weights_path` (``kwargs`` is updated
+    to load it). Otherwise the ``ValueError`` names the URL (or ``where``, for weights without a direct
+    link) and the local path to save it to.
 
     Args:
         variant: registered model name (``affnet_et``).
         pretrained: the ``pretrained`` argument of the model function.
-        kwargs: the model function's keyword arguments (read, not modified).
-        where: human-readable location of the authors' weights, printed in the error.
+        kwargs: the model function's keyword arguments (``pretrained_cfg_overlay`` may be set).
+        where: human-readable location of the authors' weights when the cfg has no direct URL.
     """
     if not pretrained:
         return
@@ -37,15 +47,25 @@ def require_local_weights(variant: str, pretrained: bool, kwargs: Dict[str, Any]
     name = f"{variant}.{cfg.tag}" if getattr(cfg, "tag", None) else variant
     if cfg.state_dict is not None:
         return
-    if not cfg.file:
-        source = cfg.url or where
+    if cfg.file:
+        if not Path(cfg.file).is_file():
+            raise FileNotFoundError(f"{name}: pretrained_cfg_overlay file {cfg.file!r} does not exist")
+        return
+    if cfg.url:
+        local = local_weights_path(cfg.url)
+        if local.is_file():
+            kwargs["pretrained_cfg_overlay"] = dict(kwargs.get("pretrained_cfg_overlay") or {}, file=str(local))
+            return
         raise ValueError(
-            f"{name}: pretrained=True needs a local weights file (vision3d does not download weights); "
-            f"get the checkpoint from {source} and pass "
+            f"{name}: pretrained=True needs the authors' checkpoint on disk (vision3d does not download weights): "
+            f"download {cfg.url} to {local} (used automatically), or pass "
             f"timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/ckpt'))"
         )
-    if not Path(cfg.file).is_file():
-        raise FileNotFoundError(f"{name}: pretrained_cfg_overlay file {cfg.file!r} does not exist")
+    raise ValueError(
+        f"{name}: pretrained=True needs a local weights file (vision3d does not download weights); "
+        f"get the checkpoint from {where} and pass "
+        f"timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/ckpt'))"
+    )
 
 
 def unwrap_state_dict(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:

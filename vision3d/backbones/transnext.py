@@ -1202,7 +1202,9 @@ def _create_transnext(variant: str, pretrained: bool = False, **kwargs: Any) -> 
 
 
 def _cfg(hf: str, size: int = 224, **kwargs: Any) -> Dict[str, Any]:
+    file = hf.replace("-", "_") + ".pth"  # the authors' file names (README model zoo)
     return {
+        "url": f"https://huggingface.co/DaiShiResearch/{hf}/resolve/main/{file}",
         "num_classes": 1000,
         "input_size": (3, size, size),
         "pool_size": (size // 32, size // 32),
@@ -1218,8 +1220,8 @@ def _cfg(hf: str, size: int = 224, **kwargs: Any) -> Dict[str, Any]:
         "paper_name": "TransNeXt: Robust Foveal Visual Perception for Vision Transformers",
         "origin_url": "https://github.com/DaiShiResearch/TransNeXt",
         "notes": (
-            f"Authors' weights: https://huggingface.co/DaiShiResearch/{hf}; download it and pass "
-            "pretrained_cfg_overlay=dict(file=...) (vision3d does not download weights).",
+            "Authors' weights (their key layout, converted on load); vision3d does not download them: save the url "
+            "to vision3d.backbones._helpers.local_weights_path(url) or pass pretrained_cfg_overlay=dict(file=...).",
         ),
         **kwargs,
     }
