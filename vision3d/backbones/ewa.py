@@ -33,17 +33,24 @@ API
 ---
 - :func:`vit_to_ewa` / :func:`ewa_to_vit`: dense FFN -> MoE with copied experts, MoE -> dense (in place);
   :func:`collapse_state_dict`: the same on a state dict (EWA checkpoint -> timm ViT checkpoint).
-- :func:`ewa_average_` (one MoE) and :class:`EWAHook` (every MoE of a model):
-  ``hook = EWAHook(model, share_rate); ... optimizer.step(); hook.step()`` in a plain loop, or
-  ``hook.attach(optimizer)`` to run after every ``optimizer.step()`` through
-  ``optimizer.register_step_post_hook``.
+- Automatic averaging (:func:`enable_auto_averaging`, on by default in the registered variants): one
+  global ``torch.optim`` step post-hook averages each MoE exactly once per ``optimizer.step()`` of an
+  optimiser holding its experts, so any loop trains EWA unchanged (a plain ``loss.backward();
+  optimizer.step()`` loop, timm's ``train.py --model ewa_vit_tiny_patch16_224`` after ``import
+  vision3d``; gradient accumulation and skipped AMP steps included). By hand instead:
+  :func:`ewa_average_` (one MoE) or :class:`EWAHook` (``hook.step()`` after ``optimizer.step()``, or
+  ``hook.attach(optimizer)``); creating a hook turns the automatic averaging off.
 - Registered training-time variants ``ewa_vit_{tiny,small,base}_patch16_224``
   (:class:`EWAVisionTransformer`, a timm ``VisionTransformer``): ``num_experts=4`` experts in every
-  other block, ``moe_blocks = (1, 3, 5, 7, 9, 11)`` (the V-MoE "every 2" placement); both are
-  constructor arguments. They default to ``dynamic_img_size=True, dynamic_img_pad=True`` (any input
-  size: position embedding resampled, sizes not divisible by 16 zero padded; the state dict is the
-  same as the fixed-size ViT's). ``pretrained=True`` takes a local dense timm ViT checkpoint (experts are
-  initialised as copies of its FFNs) or an EWA checkpoint via ``pretrained_cfg_overlay=dict(file=...)``.
+  other block, ``moe_blocks = (1, 3, 5, 7, 9, 11)`` (the V-MoE "every 2" placement), share rate
+  :data:`DEFAULT_SHARE_RATE`; all are constructor arguments. Like timm's ``vit_*`` they are fixed-size
+  (``fixed_input_size``; a wrong size raises a ``ValueError`` naming both sizes); pass
+  ``dynamic_img_size=True`` for any size (then FX tracing fails inside timm's position-embedding
+  resampling, as for timm's own ViTs). ``pretrained=True`` takes a local dense timm ViT checkpoint
+  (experts are initialised as copies of its FFNs) or an EWA checkpoint via
+  ``pretrained_cfg_overlay=dict(file=...)``.
+- Tracing: in ``eval()`` an :class:`EWAMoE` is a plain FFN (cached mean weights), so TorchScript, FX,
+  ``torch.compile(fullgraph=True)`` and ``torch.export`` work; routed training runs eagerly (FX leaf).
 
 Training-time parameter counts (1000 classes; each MoE block adds ``E - 1`` FFN copies)
 
