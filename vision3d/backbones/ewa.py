@@ -52,6 +52,28 @@ API
 - Tracing: in ``eval()`` an :class:`EWAMoE` is a plain FFN (cached mean weights), so TorchScript, FX,
   ``torch.compile(fullgraph=True)`` and ``torch.export`` work; routed training runs eagerly (FX leaf).
 
+Defaults (what the paper says, what was measured here)
+-------------------------------------------------------
+The paper's abstract (the only text reachable) states: some FFNs of a ViT are replaced by MoEs that
+assign tokens to experts by random uniform partition, EWA is performed on these MoEs at the end of each
+iteration, each MoE is converted back into an FFN by averaging the experts after training, and the
+scheme improves ViTs across 2-D and 3-D tasks without inference cost. Share rate and placement were
+therefore settled by ``tools/bench/ewa.py`` (timm ViT patch 8, width 64, depth 4, 4 experts, 10-class
+procedural shapes x stripes task, 1500 training images, 200 AdamW steps, 3 seeds, same data/init/
+seeds for all; held-out accuracy %, mean +- std over seeds, EWA evaluated after collapsing)::
+
+    dense                              19.65 +- 0.78
+    EWA beta=0.1, blocks (1, 3)        16.32 +- 5.34   (seed 2 stuck at chance, 10.15)
+    EWA beta=0.5, blocks (1, 3)        19.48 +- 0.50
+    EWA beta=0.1, blocks (2, 3)        16.78 +- 5.75   (seed 2 stuck at chance, 10.15)
+    EWA beta=0.5, blocks (2, 3)        19.55 +- 0.54
+
+In this CPU budget the task stays far from converged and no EWA setting beats dense training beyond
+the seed spread; ``beta = 0.1`` was unstable (one seed of three failed to learn at both placements),
+``beta = 0.5`` matched dense with the smallest spread at both placements. Hence the defaults
+``share_rate = 0.5`` and every-other-block placement (the two placements tied; every-other keeps the
+V-MoE layout). These are a tie-break on a small task, not a reproduction of the paper's gains.
+
 Training-time parameter counts (1000 classes; each MoE block adds ``E - 1`` FFN copies)
 
 ==========================  ============  ====================  ==========================
@@ -379,7 +401,7 @@ def check_vit_input(x: Tensor, in_chans: int, fixed_hw: List[int], name: str) ->
         )
 
 
-DEFAULT_SHARE_RATE = 0.3  # set from tools/bench/ewa.py (see the module docstring)
+DEFAULT_SHARE_RATE = 0.5  # set from tools/bench/ewa.py (see the module docstring, "Defaults")
 
 
 class EWAVisionTransformer(VisionTransformer):
