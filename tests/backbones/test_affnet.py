@@ -137,3 +137,29 @@ def test_frequency_filter_keeps_dtype_under_autocast():
 def test_filter_rejects_indivisible_channels():
     with pytest.raises(ValueError, match="divisible by num_groups"):
         AdaptiveFrequencyFilter(20)
+
+
+def test_reparameterize_folds_batchnorm_exactly():
+    """Inference structure: no BatchNorm left, same outputs (random BN statistics), timm's utility agrees."""
+    import copy
+
+    from timm.utils import reparameterize_model
+
+    torch.manual_seed(0)
+    model = timm.create_model("affnet_et", num_classes=7).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        ref = model(x)
+        fused = copy.deepcopy(model).reparameterize()
+        torch.testing.assert_close(fused(x), ref, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(reparameterize_model(model)(x), ref, atol=1e-5, rtol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    fused.reparameterize()  # idempotent

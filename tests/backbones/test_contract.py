@@ -12,6 +12,7 @@ import copy
 import functools
 import importlib
 import math
+import re
 import sys
 
 import pytest
@@ -265,3 +266,25 @@ def test_family_modules_expose_filter():
     for family in FAMILIES:
         mod = importlib.import_module(family)
         assert callable(getattr(mod, "checkpoint_filter_fn", None)), f"{family} lacks checkpoint_filter_fn"
+
+
+def test_pretrained_without_file_names_url_and_local_path(tmp_path, monkeypatch):
+    """Families with published weights name the URL and the hub-cache path; a file saved there is used."""
+    from vision3d.backbones._helpers import local_weights_path
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    for name in ("ffnet_1", "transnext_micro"):
+        url = timm.get_pretrained_cfg(name).url
+        assert url.startswith("https://")
+        with pytest.raises(ValueError, match=rf"download {re.escape(url)} to {re.escape(str(local_weights_path(url)))}"):
+            timm.create_model(name, pretrained=True)
+    with pytest.raises(ValueError, match="OneDrive"):
+        timm.create_model("affnet_et", pretrained=True)
+    # a checkpoint saved at the named path loads without any argument
+    src = timm.create_model("affnet_et", num_classes=3)  # small; any family's own layout round-trips
+    url = "https://example.invalid/weights/affnet_et_test.pth"
+    path = local_weights_path(url)
+    path.parent.mkdir(parents=True)
+    torch.save(src.state_dict(), path)
+    model = timm.create_model("affnet_et", pretrained=True, num_classes=3, pretrained_cfg_overlay=dict(url=url))
+    torch.testing.assert_close(model.state_dict()["stem.conv.weight"], src.state_dict()["stem.conv.weight"])

@@ -167,3 +167,72 @@ def test_variant_parameter_counts(size, dense, ffn):
     assert sum(p.numel() for p in v.parameters()) == dense
     assert sum(p.numel() for p in v.blocks[0].mlp.parameters()) == ffn
     assert sum(p.numel() for p in m.parameters()) == dense + 6 * 3 * ffn
+
+
+def _manual_average_reference(model, share_rate):
+    for m in model.modules():
+        if isinstance(m, EWAMoE):
+            ewa_average_(m, share_rate)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_plain_loop_averages_exactly_once_per_optimizer_step(accum):
+    """A loop that knows nothing of EWA: the automatic hook equals averaging by hand after each step."""
+    torch.manual_seed(0)
+    auto = timm.create_model("ewa_vit_tiny_patch16_224", share_rate=0.4, **TINY)
+    manual = copy.deepcopy(auto)
+    from vision3d.backbones.ewa import enable_auto_averaging
+
+    enable_auto_averaging(manual, None)  # the reference averages by hand
+    opt_a = torch.optim.SGD(auto.parameters(), lr=0.1, momentum=0.9)
+    opt_m = torch.optim.SGD(manual.parameters(), lr=0.1, momentum=0.9)
+    for step in range(3):
+        for model, opt in ((auto, opt_a), (manual, opt_m)):
+            g = torch.Generator().manual_seed(step)
+            for moe in (m for m in model.modules() if isinstance(m, EWAMoE)):
+                moe.router.generator = torch.Generator().manual_seed(step)
+            for _ in range(accum):
+                x = torch.randn(4, 3, 32, 32, generator=g)
+                model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            if model is manual:
+                _manual_average_reference(manual, 0.4)
+    for (n, a), (_, b) in zip(auto.named_parameters(), manual.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=n)
+    # the experts differ from plain SGD without averaging (the hook really ran)
+    moe = auto.blocks[1].mlp
+    spread = (moe.experts[0].fc1.weight - moe.experts[1].fc1.weight).abs().max()
+    assert spread > 0
+
+
+def test_optimizer_without_the_experts_does_not_average():
+    torch.manual_seed(0)
+    model = timm.create_model("ewa_vit_tiny_patch16_224", share_rate=1.0, **TINY)
+    moe = model.blocks[1].mlp
+    with torch.no_grad():
+        moe.experts[0].fc1.weight.add_(1.0)
+    before = moe.experts[0].fc1.weight.clone()
+    head_opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    model(torch.randn(2, 3, 32, 32)).mean().backward()
+    head_opt.step()
+    assert torch.equal(moe.experts[0].fc1.weight, before)
+
+
+def test_eval_mean_is_cached_and_never_stale():
+    torch.manual_seed(0)
+    moe = _diverse_moe(4).eval()
+    x = torch.randn(5, 6)
+    dense = moe.to_dense()
+    torch.testing.assert_close(moe(x), dense(x))
+    key = moe._mean_key
+    moe(x)
+    assert moe._mean_key is key  # not re-averaged
+    with torch.no_grad():
+        moe.experts[2].fc2.bias.add_(1.0)  # in-place change: the mean follows
+    torch.testing.assert_close(moe(x), moe.to_dense()(x))
+    other = _diverse_moe(4, seed=3)
+    moe.load_state_dict(other.state_dict())
+    assert "mean_expert.fc1.weight" not in moe.state_dict()
+    torch.testing.assert_close(moe(x), other.to_dense()(x))
+    assert not any("mean_expert" in n for n, _ in moe.named_parameters())

@@ -12,14 +12,14 @@ from safetensors.torch import load_file
 from timm.utils import reparameterize_model
 
 from tests.conftest import LOCAL_FIXTURES
-from vision3d.backbones.ffnet import BnConvSkip, FFNet, RepDwConv, checkpoint_filter_fn
+from vision3d.backbones.ffnet import BnConvSkip, FFNet, RepDwConv, checkpoint_filter_fn, checkpoint_layout
 
 # the authors' README table (millions; it counts the deploy structure, rounded to one decimal)
 PAPER_PARAMS_M = {"ffnet_1": 13.7, "ffnet_2": 26.9, "ffnet_3": 48.3, "ffnet_4": 79.2}
 # counted from the authors' code: training structure / after their replace_batchnorm
 AUTHORS_TRAIN = {"ffnet_1": 13_775_656, "ffnet_2": 27_208_408, "ffnet_3": 48_817_896, "ffnet_4": 79_868_968}
 AUTHORS_DEPLOY = {"ffnet_1": 13_660_152, "ffnet_2": 26_908_440, "ffnet_3": 48_330_632, "ffnet_4": 79_200_360}
-CASES = ["public", "nols"]
+CASES = ["public", "nols", "authors"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,9 +42,9 @@ def _model_from_authors_kwargs(kw) -> FFNet:
         kernel_sizes1=kw["kernel_sizes1"],
         kernel_sizes2=kw["kernel_sizes2"],
         expansion_ratios=kw["expansion_ratios"],
-        use_ses=kw["use_ses"],
-        use_gelus=kw["use_gelus"],
-        layer_scale_init_value=kw["layer_scale_init_value"] if kw["use_layer_scale"] else None,
+        use_ses=kw.get("use_ses", [False] * 4),  # the authors' defaults where the fixture omits them
+        use_gelus=kw.get("use_gelus", [True] * 4),
+        layer_scale_init_value=kw.get("layer_scale_init_value", 1e-6) if kw["use_layer_scale"] else None,
         num_classes=kw["num_classes"],
     ).eval()
 
@@ -64,6 +64,8 @@ def test_fixture_parity_training_structure(loaded):
     with torch.no_grad():
         final, stages = model.forward_intermediates(x)
         logits = model(x)
+        if "out/stem" in tensors:
+            torch.testing.assert_close(model.stem(x), tensors["out/stem"], atol=tol["atol"], rtol=tol["rtol"])
     for i, s in enumerate(stages):
         torch.testing.assert_close(s, tensors[f"out/stage{i}"], atol=tol["atol"], rtol=tol["rtol"])
     torch.testing.assert_close(final, tensors["out/features"], atol=tol["atol"], rtol=tol["rtol"])
@@ -76,15 +78,20 @@ def test_reparameterize_matches_authors_fused_model(loaded):
     fused = copy.deepcopy(model).reparameterize()
     x = tensors["in/x"]
     with torch.no_grad():
-        torch.testing.assert_close(fused(x), tensors["out/logits_fused"], atol=tol["atol"], rtol=tol["rtol"])
-        torch.testing.assert_close(fused.forward_features(x), tensors["out/features_fused"], atol=tol["atol"], rtol=tol["rtol"])
+        if "out/logits_fused" in tensors:
+            torch.testing.assert_close(fused(x), tensors["out/logits_fused"], atol=tol["atol"], rtol=tol["rtol"])
+            torch.testing.assert_close(fused.forward_features(x), tensors["out/features_fused"], atol=tol["atol"], rtol=tol["rtol"])
+        else:  # the authors' fixture: deploy logits of their replace_batchnorm
+            torch.testing.assert_close(fused(x), tensors["out/deploy_logits"], atol=tol["atol"], rtol=tol["rtol"])
         torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
     # deploy structure: no BatchNorm left except the final norm, no RepVGG pair left
     bns = [n for n, m in fused.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns == ["norm"]
     assert all(m.reparam_conv is not None for m in fused.modules() if isinstance(m, (RepDwConv, BnConvSkip)))
-    # the authors' fused state dict (after replace_batchnorm) has 111 (public) / 71 (nols) tensors
-    assert len(fused.state_dict()) == (111 if meta["upstream"]["constructor_kwargs"]["use_layer_scale"] else 71)
+    # the authors' fused state dict (after replace_batchnorm) has 111 (public) / 71 (nols) / 119 (authors) tensors
+    deploy_keys = [k for k in tensors if k.startswith("deploy_state/")]
+    expect = len(deploy_keys) if deploy_keys else (111 if meta["upstream"]["constructor_kwargs"]["use_layer_scale"] else 71)
+    assert len(fused.state_dict()) == expect
 
 
 def test_timm_reparameterize_model_is_equivalent(loaded):
@@ -164,3 +171,33 @@ def test_pretrained_authors_checkpoint_via_timm(tmp_path):
     ).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(tensors["in/x"]), tensors["out/logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_authors_deploy_checkpoint_loads():
+    """The authors' re-parameterised state dict (export_model.replace_batchnorm) loads and gives their deploy logits."""
+    tensors, meta, _ = _load("authors")
+    deploy = {k[len("deploy_state/") :]: v for k, v in tensors.items() if k.startswith("deploy_state/")}
+    model = _model_from_authors_kwargs(meta["upstream"]["constructor_kwargs"])
+    assert checkpoint_layout(deploy) == "authors-deploy"
+    sd = checkpoint_filter_fn({"state_dict": deploy}, model)  # turns the model into its deploy structure
+    model.load_state_dict(sd, strict=True)
+    tol = meta["tolerance"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(tensors["in/x"]), tensors["out/deploy_logits"], atol=tol["atol"], rtol=tol["rtol"])
+    # through timm: pretrained=True with a local deploy file
+    assert checkpoint_layout(model.state_dict()) == "vision3d-deploy"
+
+
+def test_wrong_checkpoint_error_names_layout():
+    tensors, meta, state = _load("authors")
+    with torch.device("meta"):
+        other = timm.create_model("ffnet_1", num_classes=100)
+    with pytest.raises(ValueError, match=r"looks like the authors' training layout.*training structure"):
+        checkpoint_filter_fn(state, other)
+    deploy = {k[len("deploy_state/") :]: v for k, v in tensors.items() if k.startswith("deploy_state/")}
+    with torch.device("meta"):
+        other = timm.create_model("ffnet_1", num_classes=100)
+    with pytest.raises(ValueError, match=r"looks like the authors' re-parameterised layout.*re-parameterised structure"):
+        checkpoint_filter_fn(deploy, other)
+    with pytest.raises(ValueError, match=r"no FFNet layout"):
+        checkpoint_filter_fn({"foo.weight": torch.zeros(1)}, other)

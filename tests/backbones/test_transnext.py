@@ -197,7 +197,7 @@ def test_fixed_pool_size():
 
 def test_bad_input():
     m = _mini().eval()
-    with pytest.raises(ValueError, match=r"transnext_micro: expected input \[B, 3, H, W\]"):
+    with pytest.raises(ValueError, match=r"transnext_micro: expected an image batch \[B, 3, H, W\], got shape \[1, 4, 64, 64\]"):
         m(torch.randn(1, 4, 64, 64))
     with pytest.raises(ValueError, match="transnext_micro: input \\(16, 16\\).*stage 0.*pooling ratio 8"):
         m(torch.randn(1, 3, 16, 16))

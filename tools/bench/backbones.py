@@ -11,6 +11,12 @@ under bf16 autocast.
 
     python tools/bench/backbones.py --quick                       # smallest variant per family
     python tools/bench/backbones.py --json bench.json --batches 1 2 4 8
+    python tools/bench/backbones.py --peers --threads 1 --json peers.json   # speed per GMAC vs timm peers
+
+``--peers`` times each family's model beside a timm model of similar GMACs (not a smaller one), batch
+1, eval, interleaved rounds (median of per-round times, so load on a shared machine hits both alike),
+and prints time per GMAC and the ratio ours / peer (goal: <= 1.2). Models with ``reparameterize()``
+are also timed in their inference structure, EWA in its training-time MoE form (eval).
 """
 
 from __future__ import annotations
@@ -33,6 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import vision3d.backbones  # noqa: E402,F401  (registers the models)
 
 REFERENCE = ["mobilevit_xs", "convnext_atto", "pvt_v2_b0", "vit_tiny_patch16_224"]
+# (ours, timm peer of similar GMACs) for the speed-per-MAC comparison
+PEERS = [
+    ("transnext_micro", "pvt_v2_b1"),
+    ("ffnet_1", "convnext_nano"),
+    ("affnet_et", "mobilevit_xxs"),
+    ("ewa_vit_tiny_patch16_224", "vit_tiny_patch16_224"),
+]
 
 
 def vision3d_models() -> list[str]:
@@ -90,6 +103,56 @@ def throughput(model: torch.nn.Module, batch: int, size: int, device: str, iters
     return batch * iters / dt
 
 
+def _ms_per_image(model: torch.nn.Module, x: torch.Tensor, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model(x)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / x.shape[0]
+
+
+def bench_peers(args) -> tuple[list[dict], str]:
+    """Speed per GMAC of each (ours, peer) pair: interleaved rounds, median ms, ratio of ms/GMAC."""
+    import statistics
+
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if args.device == "cuda" else torch.autocast("cpu", enabled=False)
+    rows = []
+    for ours, peer in PEERS:
+        torch.manual_seed(0)
+        models = {ours: timm.create_model(ours).eval(), peer: timm.create_model(peer).eval()}
+        if hasattr(models[ours], "reparameterize"):
+            import copy
+
+            models[f"{ours} (deploy)"] = copy.deepcopy(models[ours]).reparameterize()
+        size = timm.get_pretrained_cfg(peer).input_size[-1] if args.peer_size is None else args.peer_size
+        x = torch.randn(1, 3, size, size, device=args.device)
+        gmacs = {k: count_gmacs(m, size) for k, m in models.items()}
+        times: dict[str, list[float]] = {k: [] for k in models}
+        with torch.inference_mode(), amp:
+            for m in models.values():
+                m.to(args.device)
+                for _ in range(args.warmup):
+                    m(x)
+            for _ in range(args.iters):
+                for k, m in models.items():
+                    times[k].append(_ms_per_image(m, x, args.device))
+        peer_tpg = statistics.median(times[peer]) / gmacs[peer]
+        for k in models:
+            ms = statistics.median(times[k])
+            rows.append(dict(model=k, peer=peer, size=size, gmacs=gmacs[k], ms=ms, ms_per_gmac=ms / gmacs[k],
+                             ratio=(ms / gmacs[k]) / peer_tpg if k != peer else 1.0))
+            print(f"  {k:34s} {gmacs[k]:6.2f} GMACs {ms:8.2f} ms  {ms / gmacs[k]:7.2f} ms/GMAC", file=sys.stderr)
+        del models
+    header = ["model", "peer", "size", "GMACs", "ms (b1)", "ms/GMAC", "ours/peer per GMAC"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        ratio = "(peer)" if r["model"] == r["peer"] else f"{r['ratio']:.2f}x"
+        lines.append(f"| {r['model']} | {r['peer']} | {r['size']} | {r['gmacs']:.2f} | {r['ms']:.2f} | {r['ms_per_gmac']:.2f} | {ratio} |")
+    return rows, "\n".join(lines)
+
+
 def bench_one(name: str, label: str, model: torch.nn.Module, args, params: int) -> dict:
     model.eval()
     row = {"model": label, "params_M": params / 1e6, "gmacs": count_gmacs(model, args.size)}
@@ -115,11 +178,26 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--peers", action="store_true", help="speed per GMAC against timm peers of similar GMACs (batch 1)")
+    ap.add_argument("--peer-size", type=int, default=None, help="--peers input size (default: the peer's cfg size)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
+
+    if args.peers:
+        args.iters = 20 if args.iters == 10 else args.iters
+        print(f"speed per GMAC on {args.device}, batch 1, threads={torch.get_num_threads()}", file=sys.stderr)
+        rows, table = bench_peers(args)
+        print(table)
+        meta = {"device": args.device, "threads": torch.get_num_threads(), "iters": args.iters, "torch": torch.__version__,
+                "timm": timm.__version__, "cpu": platform.processor() or platform.machine(),
+                "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+                "macs_counter": "torch.utils.flop_counter.FlopCounterMode, MACs = FLOPs / 2"}
+        if args.json:
+            args.json.write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=1))
+        return
 
     names = args.models or vision3d_models()
     unknown = [n for n in names if n not in vision3d_models()]

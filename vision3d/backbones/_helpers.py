@@ -1,31 +1,41 @@
 """Helpers shared by the vision3d backbones: local-only pretrained weights, checkpoint
 unwrapping, and errors that name the variant, key and shape when a checkpoint does not fit."""
 
-from __future__ import annotations
-
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+from timm.layers import register_notrace_function
 from timm.models._builder import resolve_pretrained_cfg
 
 from vision3d.utils.state import state_dict_differences
 
-__all__ = ["require_local_weights", "unwrap_state_dict", "check_converted_state_dict", "check_input"]
+__all__ = ["require_local_weights", "local_weights_path", "unwrap_state_dict", "check_converted_state_dict", "check_input", "factory_device", "is_tracing", "bn_scale_shift", "conv_with_weights", "fuse_conv_bn"]
+
+
+def local_weights_path(url: str) -> Path:
+    """Where vision3d looks for a downloaded checkpoint of ``url``: timm's/torch's hub cache,
+    ``<torch.hub.get_dir()>/checkpoints/<file name of the url>``."""
+    name = url.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
 
 
 def require_local_weights(variant: str, pretrained: bool, kwargs: Dict[str, Any], where: str) -> None:
-    """Raise a clear error when ``pretrained=True`` has no local weights to load.
+    """Point ``pretrained=True`` at local weights, or raise an error that says where to get them.
 
-    vision3d never downloads weights at run time: ``pretrained=True`` needs
-    ``pretrained_cfg_overlay=dict(file=path)`` (or ``state_dict=...``).
+    vision3d never downloads weights at run time. ``pretrained=True`` uses, in this order,
+    ``pretrained_cfg_overlay=dict(file=path)`` (or ``state_dict=...``), then the checkpoint the authors
+    publish at the cfg's ``url`` if it was saved to :func:`local_weights_path` (``kwargs`` is updated
+    to load it). Otherwise the ``ValueError`` names the URL (or ``where``, for weights without a direct
+    link) and the local path to save it to.
 
     Args:
         variant: registered model name (``affnet_et``).
         pretrained: the ``pretrained`` argument of the model function.
-        kwargs: the model function's keyword arguments (read, not modified).
-        where: human-readable location of the authors' weights, printed in the error.
+        kwargs: the model function's keyword arguments (``pretrained_cfg_overlay`` may be set).
+        where: human-readable location of the authors' weights when the cfg has no direct URL.
     """
     if not pretrained:
         return
@@ -37,15 +47,25 @@ def require_local_weights(variant: str, pretrained: bool, kwargs: Dict[str, Any]
     name = f"{variant}.{cfg.tag}" if getattr(cfg, "tag", None) else variant
     if cfg.state_dict is not None:
         return
-    if not cfg.file:
-        source = cfg.url or where
+    if cfg.file:
+        if not Path(cfg.file).is_file():
+            raise FileNotFoundError(f"{name}: pretrained_cfg_overlay file {cfg.file!r} does not exist")
+        return
+    if cfg.url:
+        local = local_weights_path(cfg.url)
+        if local.is_file():
+            kwargs["pretrained_cfg_overlay"] = dict(kwargs.get("pretrained_cfg_overlay") or {}, file=str(local))
+            return
         raise ValueError(
-            f"{name}: pretrained=True needs a local weights file (vision3d does not download weights); "
-            f"get the checkpoint from {source} and pass "
+            f"{name}: pretrained=True needs the authors' checkpoint on disk (vision3d does not download weights): "
+            f"download {cfg.url} to {local} (used automatically), or pass "
             f"timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/ckpt'))"
         )
-    if not Path(cfg.file).is_file():
-        raise FileNotFoundError(f"{name}: pretrained_cfg_overlay file {cfg.file!r} does not exist")
+    raise ValueError(
+        f"{name}: pretrained=True needs a local weights file (vision3d does not download weights); "
+        f"get the checkpoint from {where} and pass "
+        f"timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/ckpt'))"
+    )
 
 
 def unwrap_state_dict(checkpoint: Dict[str, Any]) -> Dict[str, torch.Tensor]:
@@ -83,8 +103,71 @@ def check_converted_state_dict(
         )
 
 
+@register_notrace_function  # FX keeps it as one call that runs on the real tensor (its branches read shapes)
 def check_input(x: torch.Tensor, in_chans: int, name: str) -> None:
+    """Raise ``ValueError`` naming the model unless ``x`` is ``[B, in_chans, H, W]`` with ``H, W >= 1``.
+
+    Shape-only checks: TorchScript compiles it, FX records it as a leaf call (timm's
+    ``register_notrace_function``), ``torch.compile``/``torch.export`` resolve it at trace time.
+    """
     if x.ndim != 4 or x.shape[1] != in_chans:
-        raise ValueError(f"{name}: expected an image batch [B, {in_chans}, H, W], got shape {tuple(x.shape)}")
+        raise ValueError(f"{name}: expected an image batch [B, {in_chans}, H, W], got shape {list(x.shape)}")
     if x.shape[2] < 1 or x.shape[3] < 1:
-        raise ValueError(f"{name}: input spatial size must be at least 1x1, got {tuple(x.shape[2:])}")
+        raise ValueError(f"{name}: input spatial size must be at least 1x1, got {list(x.shape[2:])}")
+
+
+@contextmanager
+def factory_device(device: Optional[Union[str, torch.device]]) -> Iterator[None]:
+    """Build a model's modules directly on ``device`` (timm's ``create_model(device=...)``); no-op for ``None``."""
+    if device is None:
+        yield
+    else:
+        with torch.device(device):
+            yield
+
+
+def bn_scale_shift(bn: nn.BatchNorm2d) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Eval-mode BatchNorm as ``y = scale * x + shift`` (both ``[C]``; affine-free norms use 1 and 0)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    shift = -bn.running_mean * scale
+    if bn.weight is not None:
+        scale = scale * bn.weight
+        shift = shift * bn.weight + bn.bias
+    return scale, shift
+
+
+def conv_with_weights(like: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
+    """A biased ``nn.Conv2d`` with ``like``'s geometry holding ``weight`` and ``bias``."""
+    conv = nn.Conv2d(
+        like.in_channels,
+        like.out_channels,
+        like.kernel_size,
+        stride=like.stride,
+        padding=like.padding,
+        dilation=like.dilation,
+        groups=like.groups,
+        bias=True,
+        padding_mode=like.padding_mode,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+    return conv
+
+
+@torch.no_grad()
+def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """``bn(conv(x))`` (BatchNorm in eval mode) as one biased conv."""
+    scale, shift = bn_scale_shift(bn)
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    return conv_with_weights(conv, conv.weight * scale[:, None, None, None], bias)
+
+
+def is_tracing() -> bool:
+    """True under FX symbolic tracing, ``torch.compile`` and ``torch.export`` (eager-only caches step aside)."""
+    import torch.fx._symbolic_trace as fx_trace
+
+    symbolic = getattr(fx_trace, "is_fx_symbolic_tracing", None) or fx_trace.is_fx_tracing
+    return torch.compiler.is_compiling() or symbolic()

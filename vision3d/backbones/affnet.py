@@ -44,20 +44,33 @@ The authors' ``mode`` names are ``xx_small``, ``x_small`` and ``small``; their c
 has unreleased ``base``/``large`` modes, which are not registered here.
 """
 
-from __future__ import annotations
-
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, ConvNormAct, DropPath, GroupNorm1, make_divisible, trunc_normal_
+from timm.layers import ConvNormAct as _TimmConvNormAct
+from timm.layers import (
+    ClassifierHead,
+    DropPath,
+    GroupNorm1,
+    get_device_dtype,
+    make_divisible,
+    register_notrace_module,
+    trunc_normal_,
+)
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from vision3d.backbones._helpers import check_converted_state_dict, require_local_weights, unwrap_state_dict
-from vision3d.backbones._helpers import check_input as _check_input
+from vision3d.backbones._helpers import (
+    check_converted_state_dict,
+    factory_device,
+    fuse_conv_bn,
+    require_local_weights,
+    unwrap_state_dict,
+)
+from vision3d.backbones._helpers import check_input
 
 __all__ = ["AFFNet", "checkpoint_filter_fn"]
 
@@ -65,6 +78,19 @@ __all__ = ["AFFNet", "checkpoint_filter_fn"]
 # ---------------------------------------------------------------------------------------------
 # blocks
 # ---------------------------------------------------------------------------------------------
+class ConvNormAct(_TimmConvNormAct):
+    """timm's ``ConvNormAct`` (same keys) with ``reparameterize()``: BatchNorm folded into a biased conv,
+    its activation kept (``timm.utils.reparameterize_model`` finds it)."""
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        bn = self.bn
+        if not isinstance(bn, nn.BatchNorm2d):
+            return  # already fused (or no norm)
+        self.conv = fuse_conv_bn(self.conv, bn)
+        self.bn = nn.Sequential(getattr(bn, "drop", nn.Identity()), getattr(bn, "act", nn.Identity()))
+
+
 class MobileBlock(nn.Module):
     """MobileNetV2 inverted residual: 1x1 expand -> 3x3 depthwise (stride) -> 1x1 project (no act).
 
@@ -95,6 +121,7 @@ class MobileBlock(nn.Module):
         return x + y if self.has_skip else y
 
 
+@register_notrace_module  # FX: one leaf (FFTs in float32 with autocast off, a device-dependent context)
 class AdaptiveFrequencyFilter(nn.Module):
     """The AFF token mixer: a content-adaptive mask applied to the 2-D spectrum, plus the input.
 
@@ -136,21 +163,31 @@ class AdaptiveFrequencyFilter(nn.Module):
         out_im = torch.einsum("bgihw,gio->bgohw", im, w[0]) + torch.einsum("bgihw,gio->bgohw", re, w[1])
         return out_re + b[0, :, :, None, None], out_im + b[1, :, :, None, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, C, H, W]
-        dtype = x.dtype
+    def _filter(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] float32 -> [B, C, H, W] float32
+        B, C, H, W = x.shape
+        spec = torch.fft.rfft2(x, dim=(2, 3), norm="ortho")  # [B, C, H, W//2+1] complex
+        grouped = spec.reshape(B, self.num_groups, self.group_size, H, spec.shape[-1])
+        h_re, h_im = self._complex_linear(grouped.real, grouped.imag, self.w1.float(), self.b1.float())
+        h_re, h_im = self.act1(h_re), self.act2(h_im)
+        m_re, m_im = self._complex_linear(h_re, h_im, self.w2.float(), self.b2.float())
+        m_re = F.softshrink(m_re, lambd=self.sparsity_threshold)
+        m_im = F.softshrink(m_im, lambd=self.sparsity_threshold)
+        mask = torch.complex(m_re, m_im).reshape(B, C, H, spec.shape[-1])
+        return torch.fft.irfft2(mask * spec, s=(H, W), dim=(2, 3), norm="ortho")
+
+    @torch.jit.unused
+    def _filter_autocast_off(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.amp.is_autocast_available(x.device.type):  # e.g. the meta device: no autocast to leave
+            return self._filter(x.float())
         with torch.autocast(device_type=x.device.type, enabled=False):
-            xf = x.float()
-            B, C, H, W = xf.shape
-            spec = torch.fft.rfft2(xf, dim=(2, 3), norm="ortho")  # [B, C, H, W//2+1] complex
-            grouped = spec.reshape(B, self.num_groups, self.group_size, H, spec.shape[-1])
-            h_re, h_im = self._complex_linear(grouped.real, grouped.imag, self.w1.float(), self.b1.float())
-            h_re, h_im = self.act1(h_re), self.act2(h_im)
-            m_re, m_im = self._complex_linear(h_re, h_im, self.w2.float(), self.b2.float())
-            m_re = F.softshrink(m_re, lambd=self.sparsity_threshold)
-            m_im = F.softshrink(m_im, lambd=self.sparsity_threshold)
-            mask = torch.complex(m_re, m_im).reshape(B, C, H, spec.shape[-1])
-            out = torch.fft.irfft2(mask * spec, s=(H, W), dim=(2, 3), norm="ortho")
-        return out.to(dtype) + x
+            return self._filter(x.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, C, H, W]
+        if torch.jit.is_scripting():
+            out = self._filter(x.float())  # TorchScript: no autocast context to leave
+        else:
+            out = self._filter_autocast_off(x)
+        return out.to(x.dtype) + x
 
 
 class AFFLayer(nn.Module):
@@ -229,6 +266,7 @@ class AFFNet(nn.Module):
         sparsity_threshold: softshrink lambda of the filter mask.
         fusion: fuse the AFFBlock output with its input (True in every released variant).
         in_chans, num_classes, global_pool, drop_rate, drop_path_rate: timm's meanings.
+        device, dtype: where and in which dtype parameters are created (timm's ``create_model`` arguments).
     """
 
     def __init__(
@@ -248,8 +286,22 @@ class AFFNet(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         act_layer: Callable[..., nn.Module] = nn.SiLU,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
+        with factory_device(device):
+            self._build(
+                widths, depths, expand_ratio, ffn_ratio, stem_chs, last_exp_factor, num_groups,
+                sparsity_threshold, fusion, in_chans, num_classes, global_pool, drop_rate, drop_path_rate, act_layer,
+            )
+        if dtype is not None:
+            self.to(dtype=dtype)
+
+    def _build(
+        self, widths, depths, expand_ratio, ffn_ratio, stem_chs, last_exp_factor, num_groups,
+        sparsity_threshold, fusion, in_chans, num_classes, global_pool, drop_rate, drop_path_rate, act_layer,
+    ) -> None:
         if len(widths) != 5 or len(depths) != 5:
             raise ValueError(f"AFFNet: widths and depths need 5 entries, got {widths} and {depths}")
         self.in_chans = in_chans
@@ -261,7 +313,7 @@ class AFFNet(nn.Module):
         aff_total = sum(depths[2:])
         dpr = [drop_path_rate * i / max(aff_total - 1, 1) for i in range(aff_total)]  # linspace(0, rate)
         stages: List[nn.Module] = []
-        self.feature_info: List[Dict[str, Any]] = []
+        self.feature_info = []
         prev, reduction, cursor = stem_chs, 2, 0
         for i, (width, depth) in enumerate(zip(widths, depths)):
             stride = 1 if i == 0 else 2
@@ -308,6 +360,21 @@ class AFFNet(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+    # --- re-parameterisation -------------------------------------------------------------------
+    @torch.no_grad()
+    def reparameterize(self) -> "AFFNet":
+        """Fold every BatchNorm into its conv (inference structure) in place; returns ``self``.
+
+        Each ``ConvNormAct`` becomes a biased conv followed by its activation; outputs are unchanged up to
+        float32 re-association (the GroupNorms of the AFF layers depend on the input and stay). Same
+        as ``timm.utils.reparameterize_model(model)``. The state dict then has the fused layout
+        (``*.conv.bias``, no ``*.bn.*``); call it after loading the training checkpoint.
+        """
+        for m in self.modules():
+            if isinstance(m, ConvNormAct):
+                m.reparameterize()
+        return self
+
     # --- timm API ----------------------------------------------------------------------------
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -337,9 +404,16 @@ class AFFNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
+        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))  # new head where the model is
 
     def _name(self) -> str:
+        """Variant name for error messages (``"AFFNet"`` under TorchScript, which cannot read the cfg dict)."""
+        if torch.jit.is_scripting():
+            return "AFFNet"
+        return self._variant_name()
+
+    @torch.jit.unused
+    def _variant_name(self) -> str:
         cfg = getattr(self, "pretrained_cfg", None) or {}
         return cfg.get("architecture", type(self).__name__)
 
@@ -359,7 +433,7 @@ class AFFNet(nn.Module):
         """
         if output_fmt != "NCHW":
             raise ValueError(f"{self._name()}: output_fmt must be 'NCHW', got {output_fmt!r}")
-        _check_input(x, self.in_chans, self._name())
+        check_input(x, self.in_chans, self._name())
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         intermediates = []
         x = self.stem(x)
@@ -392,7 +466,7 @@ class AFFNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, in_chans, H, W] -> [B, num_features, ceil(H/32), ceil(W/32)] (after the expansion conv)."""
-        _check_input(x, self.in_chans, self._name())
+        check_input(x, self.in_chans, self._name())
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.stages, x, flatten=True)

@@ -47,8 +47,6 @@ rounded to one decimal; both columns equal the authors' code (training structure
 their ``replace_batchnorm``) with 1000 classes.
 """
 
-from __future__ import annotations
-
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -56,44 +54,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, LayerScale2d, SqueezeExcite, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, LayerScale2d, SqueezeExcite, get_device_dtype, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.utils.model import reparameterize_model
 
-from vision3d.backbones._helpers import check_converted_state_dict, require_local_weights, unwrap_state_dict
-from vision3d.backbones._helpers import check_input as _check_input
+from vision3d.backbones._helpers import (
+    bn_scale_shift,
+    check_converted_state_dict,
+    conv_with_weights,
+    factory_device,
+    require_local_weights,
+    unwrap_state_dict,
+)
+from vision3d.backbones._helpers import check_input
 
-__all__ = ["FFNet", "checkpoint_filter_fn"]
+__all__ = ["FFNet", "checkpoint_filter_fn", "checkpoint_layout"]
 
 
 # ---------------------------------------------------------------------------------------------
 # re-parameterisable blocks
 # ---------------------------------------------------------------------------------------------
-def _bn_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BatchNorm as ``y = scale * x + shift`` (both [C])."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
-
-
-def _new_conv(like: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
-    conv = nn.Conv2d(
-        like.in_channels,
-        like.out_channels,
-        like.kernel_size,
-        stride=like.stride,
-        padding=like.padding,
-        dilation=like.dilation,
-        groups=like.groups,
-        bias=True,
-        device=weight.device,
-        dtype=weight.dtype,
-    )
-    conv.weight.data.copy_(weight)
-    conv.bias.data.copy_(bias)
-    return conv
-
-
 class ConvBn(nn.Module):
     """Conv (no bias, 'same' padding ``k // 2``) followed by BatchNorm; fuses into one biased conv."""
 
@@ -109,7 +90,7 @@ class ConvBn(nn.Module):
     def fused_weight_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self.bn, nn.Identity):
             return self.conv.weight, self.conv.bias
-        scale, shift = _bn_scale_shift(self.bn)
+        scale, shift = bn_scale_shift(self.bn)
         return self.conv.weight * scale[:, None, None, None], shift
 
     @torch.no_grad()
@@ -117,7 +98,7 @@ class ConvBn(nn.Module):
         if isinstance(self.bn, nn.Identity):
             return
         w, b = self.fused_weight_bias()
-        self.conv = _new_conv(self.conv, w, b)
+        self.conv = conv_with_weights(self.conv, w, b)
         self.bn = nn.Identity()
 
 
@@ -148,7 +129,7 @@ class RepDwConv(nn.Module):
         wl, bl = self.large.fused_weight_bias()
         ws, bs = self.small.fused_weight_bias()
         pad = (wl.shape[-1] - ws.shape[-1]) // 2
-        self.reparam_conv = _new_conv(self.large.conv, wl + F.pad(ws, [pad] * 4), bl + bs)
+        self.reparam_conv = conv_with_weights(self.large.conv, wl + F.pad(ws, [pad] * 4), bl + bs)
         self.large = None
         self.small = None
 
@@ -171,12 +152,12 @@ class BnConvSkip(nn.Module):
     def reparameterize(self) -> None:
         if self.reparam_conv is not None:
             return
-        scale, shift = _bn_scale_shift(self.bn)
+        scale, shift = bn_scale_shift(self.bn)
         w = self.conv.weight  # [C, C, 1, 1]
         fused_w = w * scale[None, :, None, None]
         fused_b = w[:, :, 0, 0] @ shift
         eye = torch.eye(w.shape[0], device=w.device, dtype=w.dtype)[:, :, None, None]
-        self.reparam_conv = _new_conv(self.conv, fused_w + eye, fused_b)
+        self.reparam_conv = conv_with_weights(self.conv, fused_w + eye, fused_b)
         self.bn = None
         self.conv = None
 
@@ -291,6 +272,7 @@ class FFNet(nn.Module):
         use_gelus: GELU (True) or ReLU per stage.
         layer_scale_init_value: layer-scale init (None or 0 = no layer scale).
         in_chans, num_classes, global_pool, drop_rate, drop_path_rate: timm's meanings.
+        device, dtype: where and in which dtype parameters are created (timm's ``create_model`` arguments).
     """
 
     def __init__(
@@ -310,8 +292,22 @@ class FFNet(nn.Module):
         global_pool: str = "avg",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
+        with factory_device(device):
+            self._build(
+                embed_dims, depths, stem_chs, kernel_sizes, kernel_sizes1, kernel_sizes2, expansion_ratios, use_ses,
+                use_gelus, layer_scale_init_value, in_chans, num_classes, global_pool, drop_rate, drop_path_rate,
+            )
+        if dtype is not None:
+            self.to(dtype=dtype)
+
+    def _build(
+        self, embed_dims, depths, stem_chs, kernel_sizes, kernel_sizes1, kernel_sizes2, expansion_ratios, use_ses,
+        use_gelus, layer_scale_init_value, in_chans, num_classes, global_pool, drop_rate, drop_path_rate,
+    ) -> None:
         n = len(embed_dims)
         for name, seq in dict(
             depths=depths,
@@ -337,7 +333,7 @@ class FFNet(nn.Module):
         total = sum(depths)
         dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linspace(0, rate, total)
         stages, cursor = [], 0
-        self.feature_info: List[Dict[str, Any]] = []
+        self.feature_info = []
         for i, dim in enumerate(embed_dims):
             act = nn.GELU if use_gelus[i] else nn.ReLU
             blocks = [
@@ -409,9 +405,16 @@ class FFNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
+        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))  # new head where the model is
 
     def _name(self) -> str:
+        """Variant name for error messages (``"FFNet"`` under TorchScript, which cannot read the cfg dict)."""
+        if torch.jit.is_scripting():
+            return "FFNet"
+        return self._variant_name()
+
+    @torch.jit.unused
+    def _variant_name(self) -> str:
         cfg = getattr(self, "pretrained_cfg", None) or {}
         return cfg.get("architecture", type(self).__name__)
 
@@ -427,7 +430,7 @@ class FFNet(nn.Module):
         """Stage outputs (strides 4..32, NCHW); ``norm`` applies the final BatchNorm to the last one."""
         if output_fmt != "NCHW":
             raise ValueError(f"{self._name()}: output_fmt must be 'NCHW', got {output_fmt!r}")
-        _check_input(x, self.in_chans, self._name())
+        check_input(x, self.in_chans, self._name())
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         intermediates = []
         last = len(self.stages) - 1
@@ -460,7 +463,7 @@ class FFNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, in_chans, H, W] -> [B, num_features, ceil(H/32), ceil(W/32)] (after the final BatchNorm)."""
-        _check_input(x, self.in_chans, self._name())
+        check_input(x, self.in_chans, self._name())
         x = self.stem(x)
         x = self.stages(x)  # each stage checkpoints its blocks when grad checkpointing is on
         return self.norm(x)
@@ -494,6 +497,7 @@ def _convert_authors(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         k = re.sub(r"^patch_embed\.", "stem.", k)
         k = re.sub(r"^stages\.(\d+)\.0\.proj\.0\.", r"stages.\1.downsample.dw.", k)
         k = re.sub(r"^stages\.(\d+)\.0\.proj\.1\.conv\.", r"stages.\1.downsample.pw.", k)
+        k = re.sub(r"^stages\.(\d+)\.0\.proj\.1\.(weight|bias)$", r"stages.\1.downsample.pw.\2", k)  # fused (deploy)
 
         def _block(m: "re.Match[str]") -> str:
             i, j = int(m.group(1)), int(m.group(2))
@@ -513,18 +517,78 @@ def _convert_authors(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
+def checkpoint_layout(sd: Dict[str, torch.Tensor]) -> str:
+    """Which of the four FFNet key layouts a (unwrapped) state dict looks like.
+
+    ``"authors-train"`` (``models/ffnet.py``: ``patch_embed.0.c.weight`` + BatchNorms),
+    ``"authors-deploy"`` (after their ``export_model.replace_batchnorm``: fused convs such as
+    ``patch_embed.0.weight``), ``"vision3d-train"`` (``stem.0.conv.weight`` + ``stem.0.bn.*``),
+    ``"vision3d-deploy"`` (after :meth:`FFNet.reparameterize`: ``reparam_conv`` / biased ``stem.0.conv``),
+    or ``"unknown"``.
+    """
+    if any(k.startswith("patch_embed.") for k in sd):
+        return "authors-train" if "patch_embed.0.c.weight" in sd or any(".c.weight" in k for k in sd) else "authors-deploy"
+    if any(k.startswith("stem.") for k in sd):
+        deploy = any(".reparam_conv." in k for k in sd) or "stem.0.conv.bias" in sd
+        return "vision3d-deploy" if deploy else "vision3d-train"
+    return "unknown"
+
+
+_LAYOUT_WORDS = {
+    "authors-train": "the authors' training layout (models/ffnet.py)",
+    "authors-deploy": "the authors' re-parameterised layout (export_model.replace_batchnorm)",
+    "vision3d-train": "vision3d's training layout",
+    "vision3d-deploy": "vision3d's re-parameterised layout (FFNet.reparameterize())",
+    "unknown": "no FFNet layout (neither patch_embed.* nor stem.* keys)",
+}
+
+
+def _is_deployed(model: nn.Module) -> bool:
+    return any(isinstance(m, (RepDwConv, BnConvSkip)) and m.reparam_conv is not None for m in model.modules())
+
+
+def _resolve_deploy_keys(sd: Dict[str, torch.Tensor], own: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """Place fused authors' tensors (``P.weight`` of a module the authors replaced by one conv) on our
+    re-parameterised modules: ``P.weight``, ``P.conv.weight`` (fused ConvBn) or ``P.reparam_conv.weight``."""
+    own_set = set(own)
+    out = {}
+    for k, v in sd.items():
+        if k in own_set:
+            out[k] = v
+            continue
+        prefix, _, leaf = k.rpartition(".")
+        for cand in (f"{prefix}.conv.{leaf}", f"{prefix}.reparam_conv.{leaf}"):
+            if cand in own_set:
+                out[cand] = v
+                break
+        else:
+            out[k] = v  # left for the fit check to report
+    return out
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Convert an FFNet checkpoint (the authors' layout, or ours) to this model's keys.
+    """Convert an FFNet checkpoint (the authors' layout or ours, training or re-parameterised) to this model's keys.
 
     Accepts EMA / ``model`` / ``state_dict`` wrappers and a ``module.`` prefix (the authors'
     ``.pth.tar`` files hold ``state_dict`` and ``state_dict_ema``; the EMA is preferred, as in
-    timm). Raises ``ValueError`` naming the variant, keys and shapes when the checkpoint is from
-    another variant.
+    timm). A re-parameterised checkpoint (the authors' ``export_model.py`` output, or ours) first
+    turns ``model`` into its deploy structure in place (:meth:`FFNet.reparameterize`). Raises
+    ``ValueError`` naming the variant, keys and shapes, and the layout the checkpoint looks like,
+    when it does not fit.
     """
     sd = unwrap_state_dict(state_dict)
-    if any(k.startswith("patch_embed.") for k in sd):
+    layout = checkpoint_layout(sd)
+    if layout in ("authors-deploy", "vision3d-deploy") and not _is_deployed(model):
+        reparameterize_model(model, inplace=True)
+    if layout.startswith("authors"):
         sd = _convert_authors(sd)
-    check_converted_state_dict(sd, model, skip=("head.fc.",))
+        if layout == "authors-deploy":
+            sd = _resolve_deploy_keys(sd, list(model.state_dict().keys()))
+    try:
+        check_converted_state_dict(sd, model, skip=("head.fc.",))
+    except ValueError as e:
+        structure = "re-parameterised" if _is_deployed(model) else "training"
+        raise ValueError(f"{e} [the checkpoint looks like {_LAYOUT_WORDS[layout]}; the model has the {structure} structure]") from None
     return sd
 
 

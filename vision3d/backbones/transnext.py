@@ -79,23 +79,28 @@ modules have exactly these counts. ``transnext_micro_aaaa`` is the authors' ``tr
 (aggregated attention in all four stages, ``sr_ratios (16, 8, 4, 2)``).
 """
 
-from __future__ import annotations
-
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, to_2tuple, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, get_device_dtype, register_notrace_function, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from torch import Tensor
 
-from vision3d.backbones._helpers import check_converted_state_dict, require_local_weights, unwrap_state_dict
+from vision3d.backbones._helpers import (
+    check_converted_state_dict,
+    check_input,
+    is_tracing,
+    factory_device,
+    require_local_weights,
+    unwrap_state_dict,
+)
 
 __all__ = [
     "TransNeXt",
@@ -115,7 +120,36 @@ POS_BIAS_MODES = ("extrapolate", "interpolate")
 # ---------------------------------------------------------------------------------------------
 # position tables
 # ---------------------------------------------------------------------------------------------
-@torch.no_grad()
+def _axis_offsets(n_q: int, n_k: int) -> Tuple[List[int], List[int]]:
+    """Doubled query-to-pooled-key offsets along one axis, deduplicated.
+
+    Key ``k`` is the mean of the query coordinates its adaptive-average-pool cell ``[s_k, e_k)``
+    covers, ``(s_k + e_k - 1) / 2``, so ``2 * (q - key_k) = 2 q - s_k - e_k + 1`` is an integer.
+
+    Returns ``(unique, rank)``: the sorted distinct doubled offsets, and for each pair
+    ``q * n_k + k`` the position of its offset in ``unique``. Plain integer loops: TorchScript
+    compiles them and ``torch.compile``/``torch.export`` evaluate them at trace time (no
+    data-dependent ``torch.unique``).
+    """
+    lo = 1 - 2 * n_q  # doubled offsets lie in [lo, 2 n_q - 1]
+    present = [0] * (4 * n_q)
+    pairs: List[int] = []
+    for q in range(n_q):
+        for k in range(n_k):
+            start = (k * n_q) // n_k
+            end = ((k + 1) * n_q + n_k - 1) // n_k
+            d = 2 * q - start - end + 1
+            pairs.append(d - lo)
+            present[d - lo] = 1
+    unique: List[int] = []
+    position = [0] * (4 * n_q)
+    for i in range(4 * n_q):
+        if present[i] == 1:
+            position[i] = len(unique)
+            unique.append(i + lo)
+    return unique, [position[p] for p in pairs]
+
+
 def cpb_coordinates(
     query_hw: Tuple[int, int],
     key_hw: Tuple[int, int],
@@ -126,7 +160,8 @@ def cpb_coordinates(
 
     Key coordinates are the means of the query coordinates each adaptive-average-pool cell covers.
     Offsets are divided by ``pretrain - 1`` and multiplied by 8 per axis, then mapped through
-    ``sign(r) * log2(1 + |r|) / 3``.
+    ``sign(r) * log2(1 + |r|) / 3``. The distinct ``(dy, dx)`` pairs are the product of the distinct
+    ``dy`` and ``dx`` (the two axes vary independently), sorted like ``torch.unique(dim=0)``.
 
     Args:
         query_hw: query grid ``(Hq, Wq)``.
@@ -137,22 +172,17 @@ def cpb_coordinates(
         ``(index, table)``: ``index`` ``[Hq * Wq * Hk * Wk]`` long, row of ``table`` for each
         (query, key) pair in row-major order; ``table`` ``[U, 2]`` float32, the distinct (dy, dx).
     """
-    axes_q, axes_k = [], []
-    for n_q, n_k in zip(query_hw, key_hw):
-        q = torch.arange(n_q, dtype=torch.float32, device=device)
-        axes_q.append(q)
-        axes_k.append(F.adaptive_avg_pool1d(q[None], n_k)[0])
-    qh, qw = (g.reshape(-1) for g in torch.meshgrid(axes_q[0], axes_q[1], indexing="ij"))
-    kh, kw = (g.reshape(-1) for g in torch.meshgrid(axes_k[0], axes_k[1], indexing="ij"))
-    rel_h = (qh[:, None] - kh[None, :]) / (pretrain_hw[0] - 1) * 8
-    rel_w = (qw[:, None] - kw[None, :]) / (pretrain_hw[1] - 1) * 8
-    rel = torch.stack([rel_h, rel_w], dim=-1).reshape(-1, 2)
-    table, index = torch.unique(rel, return_inverse=True, dim=0)
-    table = torch.sign(table) * torch.log2(table.abs() + 1.0) / torch.log2(torch.tensor(8.0, device=device))
-    return index, table
+    uh, rank_h = _axis_offsets(query_hw[0], key_hw[0])
+    uw, rank_w = _axis_offsets(query_hw[1], key_hw[1])
+    dy = torch.tensor(uh, dtype=torch.float32, device=device) / 2 / (pretrain_hw[0] - 1) * 8
+    dx = torch.tensor(uw, dtype=torch.float32, device=device) / 2 / (pretrain_hw[1] - 1) * 8
+    table = torch.stack([dy[:, None].expand(-1, len(uw)), dx[None, :].expand(len(uh), -1)], dim=-1).reshape(-1, 2)
+    table = torch.sign(table) * torch.log2(table.abs() + 1.0) / 3.0
+    ih = torch.tensor(rank_h, dtype=torch.long, device=device).view(query_hw[0], 1, key_hw[0], 1)
+    iw = torch.tensor(rank_w, dtype=torch.long, device=device).view(1, query_hw[1], 1, key_hw[1])
+    return (ih * len(uw) + iw).reshape(-1), table
 
 
-@torch.no_grad()
 def local_window_mask(hw: Tuple[int, int], window: int, device: Optional[torch.device] = None) -> Tuple[Tensor, Tensor]:
     """Valid-neighbour count ``[N, 1]`` (float32) and padding mask ``[N, window**2]`` (True = padded)."""
     ones = torch.ones(1, 1, hw[0], hw[1], device=device)
@@ -160,44 +190,133 @@ def local_window_mask(hw: Tuple[int, int], window: int, device: Optional[torch.d
     return valid.sum(0)[:, None], valid.t() == 0
 
 
-class _Geometry:
+class Geometry(NamedTuple):
     """Per-stage, per-input-size tables used by the attention layers (not parameters, not saved)."""
 
-    def __init__(
-        self,
-        hw: Tuple[int, int],
-        pool_hw: Tuple[int, int],
-        index: Tensor,  # [Nq_table * Nk_table] long
-        table: Tensor,  # [U, 2]
-        seq_scale: Union[Tensor, float],  # [N, 1] (aggregated) or a float (full attention)
-        padding_mask: Optional[Tensor],  # [N, L] bool, True = padded neighbour
-        table_hw: Optional[Tuple[int, int, int, int]] = None,  # (Ht, Wt, pHt, pWt) in 'interpolate' mode
-    ):
-        self.hw, self.pool_hw = hw, pool_hw
-        self.index, self.table = index, table
-        self.seq_scale, self.padding_mask = seq_scale, padding_mask
-        self.table_hw = table_hw
+    hw: Tuple[int, int]  # token grid (H, W)
+    pool_hw: Tuple[int, int]  # pooled key grid (full attention: hw)
+    index: Tensor  # [Nq_table * Nk_table] long, CPB table row per (query, key) pair
+    table: Tensor  # [U, 2] float32 CPB coordinates
+    seq_scale: Tensor  # [N, 1] log(valid local + pooled) (aggregated) or [1, 1] log(N) (full attention)
+    padding_mask: Tensor  # [N, L] bool, True = padded neighbour ([N, 0] for full attention)
+    table_hw: Tuple[int, int, int, int]  # (Ht, Wt, pHt, pWt) of the tables in 'interpolate' mode, else (0, 0, 0, 0)
 
 
-def _cpb_bias(
-    fc1: nn.Linear, fc2: nn.Linear, geom: _Geometry, n_query: int, n_key: int, key_hw: Tuple[int, int]
-) -> Tensor:
-    """CPB MLP on the coordinate table, gathered to ``[heads, N, n_key]`` (resized in 'interpolate' mode)."""
-    bias = fc2(F.relu(fc1(geom.table.to(fc1.weight.dtype)))).transpose(0, 1)  # [heads, U]
-    if geom.table_hw is None:
+@register_notrace_function  # FX: one call on the (runtime) grid size; its Python loops stay out of the graph
+def stage_geometry(
+    H: int,
+    W: int,
+    sr_ratio: int,
+    window: int,
+    fixed_pool_size: int,  # 0 = pooled grid follows the input (H // sr_ratio)
+    pretrain_grid: int,
+    table_grid: int,  # > 0: 'interpolate' mode, tables built at this grid
+    device: torch.device,
+) -> Geometry:
+    """The :class:`Geometry` of a stage for an ``H x W`` token grid (see :class:`TransNeXtStage`)."""
+
+    hw = (H, W)
+    pool_hw = _pool_grid(H, W, sr_ratio, fixed_pool_size)
+    pre = (pretrain_grid, pretrain_grid)
+    if table_grid > 0:
+        tp = _pool_grid(table_grid, table_grid, sr_ratio, fixed_pool_size)
+        index, table = cpb_coordinates((table_grid, table_grid), tp, pre, device)
+        table_hw = (table_grid, table_grid, tp[0], tp[1])
+    else:
+        index, table = cpb_coordinates(hw, pool_hw, pre, device)
+        table_hw = (0, 0, 0, 0)
+    if sr_ratio == 1:
+        seq_scale = torch.log(torch.full((1, 1), float(H * W), device=device))
+        mask = torch.zeros(H * W, 0, dtype=torch.bool, device=device)
+    else:
+        valid, mask = local_window_mask(hw, window, device)
+        seq_scale = torch.log(valid + pool_hw[0] * pool_hw[1])
+    return Geometry(hw, pool_hw, index, table, seq_scale, mask, table_hw)
+
+
+def _gather_bias(bias: Tensor, geom: Geometry, n_query: int, n_key: int, interpolate: bool) -> Tensor:
+    """CPB MLP output on the table rows ``[heads, U]`` -> ``[heads, N, n_key]`` (resized in 'interpolate' mode)."""
+    if not interpolate:
         return bias[:, geom.index.view(-1)].view(-1, n_query, n_key)
-    th, tw, tph, tpw = geom.table_hw
+    th, tw, tph, tpw = geom.table_hw[0], geom.table_hw[1], geom.table_hw[2], geom.table_hw[3]
     heads = bias.shape[0]
     bias = bias[:, geom.index.view(-1)].view(heads, th * tw, tph, tpw)
-    bias = F.interpolate(bias, key_hw, mode="bilinear")  # pooled axis to the new pool grid
+    bias = F.interpolate(bias, size=[geom.pool_hw[0], geom.pool_hw[1]], mode="bilinear")  # pooled axis
     bias = bias.reshape(heads, th * tw, n_key).transpose(1, 2).reshape(heads, n_key, th, tw)
-    bias = F.interpolate(bias, geom.hw, mode="bilinear")  # query axis to the new grid
+    bias = F.interpolate(bias, size=[geom.hw[0], geom.hw[1]], mode="bilinear")  # query axis to the new grid
     return bias.reshape(heads, n_key, n_query).transpose(1, 2)
+
+
+def _pool_grid(h: int, w: int, sr_ratio: int, fixed_pool_size: int) -> Tuple[int, int]:
+    """Pooled key grid of a stage: the token grid (full attention), fixed, or ``grid // sr_ratio``."""
+    if sr_ratio == 1:
+        return h, w
+    if fixed_pool_size > 0:
+        return fixed_pool_size, fixed_pool_size
+    return h // sr_ratio, w // sr_ratio
+
+
+class _CpbCache:
+    """Eval-time cache of one layer's CPB bias, exact: keyed by the grid, device, dtype and the
+    identity and in-place version of the CPB weights (an optimiser step or ``load_state_dict``
+    bumps the version), used only in eval mode without autograd through the CPB weights."""
+
+    def __init__(self) -> None:
+        self.key: Optional[Tuple[Any, ...]] = None
+        self.value: Optional[Tensor] = None
+
+    def get(self, layer: nn.Module, geom: Geometry, n_query: int, n_key: int) -> Tensor:
+        params = (layer.cpb_fc1.weight, layer.cpb_fc1.bias, layer.cpb_fc2.weight, layer.cpb_fc2.bias)
+        key = (geom.hw, geom.pool_hw, geom.table_hw, geom.index.data_ptr(), geom.index.device) + tuple(
+            (p.data_ptr(), p._version, p.dtype) for p in params
+        )
+        if self.key != key or self.value is None:
+            with torch.no_grad():
+                self.value = layer.compute_position_bias(geom, n_query, n_key)
+            self.key = key
+        return self.value
+
+    def clear(self) -> None:
+        self.key, self.value = None, None
+
+
+class _CpbAttention(nn.Module):
+    """Base of the attention layers: the CPB bias of ``cpb_fc1``/``cpb_fc2``, cached in eval inference."""
+
+    def position_bias(self, geom: Geometry, n_query: int, n_key: int) -> Tensor:  # [heads, n_query, n_key]
+        """Computed on every call while training, under TorchScript/FX/``torch.compile``/``torch.export``
+        and whenever autograd reaches the CPB weights; otherwise (eval inference) served from the
+        layer's exact :class:`_CpbCache`."""
+        if torch.jit.is_scripting():
+            return self.compute_position_bias(geom, n_query, n_key)
+        return self._cached_position_bias(geom, n_query, n_key)
+
+    def compute_position_bias(self, geom: Geometry, n_query: int, n_key: int) -> Tensor:
+        """The CPB MLP on the coordinate table, gathered (and in 'interpolate' mode resized) to the grid."""
+        bias = self.cpb_fc2(F.relu(self.cpb_fc1(geom.table.to(self.cpb_fc1.weight.dtype)))).transpose(0, 1)
+        return _gather_bias(bias, geom, n_query, n_key, self.interpolate_bias)
+
+    @torch.jit.unused
+    def _cpb_needs_grad(self) -> bool:
+        weights = (self.cpb_fc1.weight, self.cpb_fc1.bias, self.cpb_fc2.weight, self.cpb_fc2.bias)
+        return torch.is_grad_enabled() and any(w.requires_grad for w in weights)
+
+    @torch.jit.unused
+    def _cached_position_bias(self, geom: Geometry, n_query: int, n_key: int) -> Tensor:
+        if self.training or is_tracing() or self._cpb_needs_grad():
+            return self.compute_position_bias(geom, n_query, n_key)
+        return self.cpb_cache.get(self, geom, n_query, n_key)
 
 
 # ---------------------------------------------------------------------------------------------
 # aggregated attention core: reference (unfold) and fast (shifted views) formulations
 # ---------------------------------------------------------------------------------------------
+def _unfold_windows(t: Tensor, H: int, W: int, window: int) -> Tensor:  # [B, h, N, d] -> [B, h, N, d, L]
+    B, h, N, d = t.shape
+    t = t.permute(0, 1, 3, 2).reshape(B, h * d, H, W)
+    return F.unfold(t, window, padding=window // 2).reshape(B, h, d, window * window, N).permute(0, 1, 4, 2, 3)
+
+
 def aggregated_attention_reference(
     q_norm: Tensor,  # [B, h, N, d] L2-normalised queries
     q_scaled: Tensor,  # [B, h, N, d] (q_norm + query_embedding) * softplus(T) * length scale
@@ -216,14 +335,10 @@ def aggregated_attention_reference(
 ) -> Tensor:  # [B, h, N, d]
     """The authors' native formulation: keys and values unfolded into ``[B, h, N, d, L]`` windows."""
     B, h, N, d = k_local.shape
-    H, W = hw
+    H, W = hw[0], hw[1]
     L = window * window
-
-    def unfold(t: Tensor) -> Tensor:  # [B, h, N, d] -> [B, h, N, d, L]
-        t = t.permute(0, 1, 3, 2).reshape(B, h * d, H, W)
-        return F.unfold(t, window, padding=window // 2).reshape(B, h, d, L, N).permute(0, 1, 4, 2, 3)
-
-    k_win, v_win = unfold(k_local), unfold(v_local)
+    k_win = _unfold_windows(k_local, H, W, window)
+    v_win = _unfold_windows(v_local, H, W, window)
     attn_local = (q_scaled.unsqueeze(-2) @ k_win).squeeze(-2) + local_bias.unsqueeze(1)
     attn_local = attn_local.masked_fill(padding_mask, float("-inf"))
     attn_pool = q_scaled @ k_pool.transpose(-2, -1) + pool_bias
@@ -260,14 +375,16 @@ def aggregated_attention_fast(
     added to the activations kept for backward, instead of two ``[B, h, N, d, L]`` unfolded copies.
     """
     B, h, N, d = k_local.shape
-    H, W = hw
+    H, W = hw[0], hw[1]
     L = window * window
     r = window // 2
     k_pad = F.pad(k_local.view(B, h, H, W, d), (0, 0, r, r, r, r))
     v_pad = F.pad(v_local.view(B, h, H, W, d), (0, 0, r, r, r, r))
     q_grid = q_scaled.view(B, h, H, W, d)
-    offsets = [(ky, kx) for ky in range(window) for kx in range(window)]
-    logits = [(q_grid * k_pad[:, :, ky : ky + H, kx : kx + W]).sum(-1) for ky, kx in offsets]
+    logits: List[Tensor] = []
+    for j in range(L):
+        ky, kx = j // window, j % window
+        logits.append((q_grid * k_pad[:, :, ky : ky + H, kx : kx + W]).sum(-1))
     attn_local = torch.stack(logits, dim=-1).view(B, h, N, L) + local_bias.unsqueeze(1)
     attn_local = attn_local.masked_fill(padding_mask, float("-inf"))
     attn_pool = torch.matmul(q_scaled, k_pool.transpose(-2, -1)) + pool_bias
@@ -276,8 +393,9 @@ def aggregated_attention_fast(
     attn_local, attn_pool = attn.split([L, attn.shape[-1] - L], dim=-1)
     w_local = (torch.matmul(q_norm, tokens) + tokens_bias + attn_local).view(B, h, H, W, L)
     out = torch.matmul(attn_pool, v_pool).view(B, h, H, W, d)
-    for j, (ky, kx) in enumerate(offsets):
-        out = out + w_local[..., j : j + 1] * v_pad[:, :, ky : ky + H, kx : kx + W]
+    for j in range(L):
+        ky, kx = j // window, j % window
+        out = out + w_local[:, :, :, :, j : j + 1] * v_pad[:, :, ky : ky + H, kx : kx + W]
     return out.view(B, h, N, d)
 
 
@@ -450,7 +568,7 @@ def _temperature_init(num_heads: int) -> Tensor:
     return torch.log(torch.expm1(torch.full((num_heads, 1, 1), 1.0 / 0.24)))
 
 
-class AggregatedAttention(nn.Module):
+class AggregatedAttention(_CpbAttention):
     """Pixel-focused local attention + pooled attention under one softmax (stages with ``sr_ratio > 1``)."""
 
     def __init__(
@@ -462,6 +580,7 @@ class AggregatedAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         attn_impl: str = "fast",
+        interpolate_bias: bool = False,
     ):
         super().__init__()
         if dim % num_heads:
@@ -483,6 +602,8 @@ class AggregatedAttention(nn.Module):
         self.act = nn.GELU()
         self.cpb_fc1 = nn.Linear(2, 512)
         self.cpb_fc2 = nn.Linear(512, num_heads)
+        self.interpolate_bias = interpolate_bias
+        self.cpb_cache = _CpbCache()
         self.relative_pos_bias_local = nn.Parameter(
             trunc_normal_(torch.empty(num_heads, self.local_len), std=0.0004)
         )
@@ -491,9 +612,9 @@ class AggregatedAttention(nn.Module):
         )
         self.learnable_bias = nn.Parameter(torch.zeros(num_heads, 1, self.local_len))
 
-    def forward(self, x: Tensor, geom: _Geometry) -> Tensor:  # [B, N, C] -> [B, N, C]
+    def forward(self, x: Tensor, geom: Geometry) -> Tensor:  # [B, N, C] -> [B, N, C]
         B, N, C = x.shape
-        H, W = geom.hw
+        H, W = geom.hw[0], geom.hw[1]
         h, d = self.num_heads, self.head_dim
         q_norm = F.normalize(self.q(x).view(B, N, h, d).transpose(1, 2), dim=-1)
         q_scaled = (q_norm + self.query_embedding) * F.softplus(self.temperature) * geom.seq_scale.to(q_norm.dtype)
@@ -502,27 +623,31 @@ class AggregatedAttention(nn.Module):
         v_local = kv[:, :, 1].transpose(1, 2)
 
         pooled = self.act(self.sr(x.transpose(1, 2).reshape(B, C, H, W)))
-        pooled = F.adaptive_avg_pool2d(pooled, geom.pool_hw).flatten(2).transpose(1, 2)
+        pooled = F.adaptive_avg_pool2d(pooled, [geom.pool_hw[0], geom.pool_hw[1]]).flatten(2).transpose(1, 2)
         P = pooled.shape[1]
         kv_pool = self.kv(self.norm(pooled)).view(B, P, 2, h, d).permute(2, 0, 3, 1, 4)
         k_pool, v_pool = F.normalize(kv_pool[0], dim=-1), kv_pool[1]
-        pool_bias = _cpb_bias(self.cpb_fc1, self.cpb_fc2, geom, N, P, geom.pool_hw)
-
-        core = {
-            "fast": aggregated_attention_fast,
-            "reference": aggregated_attention_reference,
-            "triton": aggregated_attention_triton,
-        }[self.attn_impl]
-        out = core(
-            q_norm, q_scaled, k_local, v_local, k_pool, v_pool,
-            self.relative_pos_bias_local, pool_bias, self.learnable_tokens, self.learnable_bias,
-            geom.padding_mask, geom.hw, self.window_size,
-            attn_drop=self.attn_drop if self.training else 0.0,
-        )
+        pool_bias = self.position_bias(geom, N, P)
+        drop = self.attn_drop if self.training else 0.0
+        if self.attn_impl == "reference":
+            out = aggregated_attention_reference(
+                q_norm, q_scaled, k_local, v_local, k_pool, v_pool, self.relative_pos_bias_local, pool_bias,
+                self.learnable_tokens, self.learnable_bias, geom.padding_mask, geom.hw, self.window_size, drop,
+            )
+        elif self.attn_impl == "triton" and not torch.jit.is_scripting():
+            out = aggregated_attention_triton(
+                q_norm, q_scaled, k_local, v_local, k_pool, v_pool, self.relative_pos_bias_local, pool_bias,
+                self.learnable_tokens, self.learnable_bias, geom.padding_mask, geom.hw, self.window_size, drop,
+            )
+        else:
+            out = aggregated_attention_fast(
+                q_norm, q_scaled, k_local, v_local, k_pool, v_pool, self.relative_pos_bias_local, pool_bias,
+                self.learnable_tokens, self.learnable_bias, geom.padding_mask, geom.hw, self.window_size, drop,
+            )
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
 
 
-class FullAttention(nn.Module):
+class FullAttention(_CpbAttention):
     """Length-scaled cosine attention with a query embedding and CPB bias (the ``sr_ratio == 1`` stage)."""
 
     def __init__(
@@ -533,6 +658,7 @@ class FullAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         attn_impl: str = "fast",
+        interpolate_bias: bool = False,
     ):
         super().__init__()
         if dim % num_heads:
@@ -547,14 +673,16 @@ class FullAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.cpb_fc1 = nn.Linear(2, 512)
         self.cpb_fc2 = nn.Linear(512, num_heads)
+        self.interpolate_bias = interpolate_bias
+        self.cpb_cache = _CpbCache()
 
-    def forward(self, x: Tensor, geom: _Geometry) -> Tensor:  # [B, N, C] -> [B, N, C]
+    def forward(self, x: Tensor, geom: Geometry) -> Tensor:  # [B, N, C] -> [B, N, C]
         B, N, C = x.shape
         # output features are laid out [q heads | k heads | v heads]
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q = (F.normalize(q, dim=-1) + self.query_embedding) * F.softplus(self.temperature) * geom.seq_scale
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q = (F.normalize(q, dim=-1) + self.query_embedding) * F.softplus(self.temperature) * geom.seq_scale.to(q.dtype)
         k = F.normalize(k, dim=-1)
-        bias = _cpb_bias(self.cpb_fc1, self.cpb_fc2, geom, N, N, geom.hw)  # [h, N, N]
+        bias = self.position_bias(geom, N, N)  # [h, N, N]
         drop = self.attn_drop if self.training else 0.0
         if self.attn_impl != "reference":  # "fast" and "triton": SDPA with the bias as additive mask
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0).to(q.dtype), dropout_p=drop, scale=1.0)
@@ -598,18 +726,21 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         norm_eps: float = 1e-6,
         attn_impl: str = "fast",
+        interpolate_bias: bool = False,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         if sr_ratio == 1:
-            self.attn = FullAttention(dim, num_heads, qkv_bias, attn_drop, drop, attn_impl)
+            self.attn = FullAttention(dim, num_heads, qkv_bias, attn_drop, drop, attn_impl, interpolate_bias)
         else:
-            self.attn = AggregatedAttention(dim, num_heads, window_size, qkv_bias, attn_drop, drop, attn_impl)
+            self.attn = AggregatedAttention(
+                dim, num_heads, window_size, qkv_bias, attn_drop, drop, attn_impl, interpolate_bias
+            )
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = ConvGLU(dim, int(dim * mlp_ratio), drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: Tensor, geom: _Geometry) -> Tensor:  # [B, N, C]
+    def forward(self, x: Tensor, geom: Geometry) -> Tensor:  # [B, N, C]
         x = x + self.drop_path(self.attn(self.norm1(x), geom))
         return x + self.drop_path(self.mlp(self.norm2(x), geom.hw))
 
@@ -657,50 +788,49 @@ class TransNeXtStage(nn.Module):
         self.table_grid = table_size // reduction  # grid of the position tables ('interpolate' mode)
         self.pretrain_grid = pretrain_size // reduction
         self.fixed_pool_size = fixed_pool_size if sr_ratio > 1 else None
+        self.fixed_pool = int(self.fixed_pool_size or 0)  # int form (0 = none) for TorchScript
+        self.window = int(window_size or 0)
         self.pos_bias = pos_bias
         self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(in_chans, dim, kernel, stride)
         self.blocks = nn.ModuleList(
             [
-                Block(dim, num_heads, mlp_ratio, sr_ratio, window_size, qkv_bias, drop, attn_drop, drop_path[j], norm_eps, attn_impl)
+                Block(
+                    dim, num_heads, mlp_ratio, sr_ratio, window_size, qkv_bias, drop, attn_drop, drop_path[j],
+                    norm_eps, attn_impl, pos_bias == "interpolate",
+                )
                 for j in range(depth)
             ]
         )
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
-        self._geom_cache: Dict[Tuple[int, int, str], _Geometry] = {}
+        self._geom_cache: Dict[Tuple[int, int, str], Geometry] = {}
 
     def pool_hw(self, hw: Tuple[int, int]) -> Tuple[int, int]:
-        if self.sr_ratio == 1:
-            return hw
-        if self.fixed_pool_size is not None:
-            return (self.fixed_pool_size, self.fixed_pool_size)
-        return (hw[0] // self.sr_ratio, hw[1] // self.sr_ratio)
+        return _pool_grid(hw[0], hw[1], self.sr_ratio, self.fixed_pool)
 
-    def geometry(self, hw: Tuple[int, int], device: torch.device) -> _Geometry:
+    def geometry(self, hw: Tuple[int, int], device: torch.device) -> Geometry:
+        """Tables for an ``hw`` token grid; cached per size and device in eager mode."""
+        if torch.jit.is_scripting():
+            return self._build_geometry(hw[0], hw[1], device)
+        return self._cached_geometry(hw, device)
+
+    def _build_geometry(self, H: int, W: int, device: torch.device) -> Geometry:
+        return stage_geometry(
+            H, W, self.sr_ratio, self.window, self.fixed_pool, self.pretrain_grid,
+            self.table_grid if self.pos_bias == "interpolate" else 0, device,
+        )
+
+    @torch.jit.unused
+    def _cached_geometry(self, hw: Tuple[int, int], device: torch.device) -> Geometry:
+        if is_tracing():
+            return self._build_geometry(hw[0], hw[1], device)
         key = (hw[0], hw[1], str(device))
         geom = self._geom_cache.get(key)
-        if geom is not None:
-            return geom
-        pool_hw = self.pool_hw(hw)
-        pre = (self.pretrain_grid, self.pretrain_grid)
-        table_hw = None
-        if self.pos_bias == "interpolate":
-            t = (self.table_grid, self.table_grid)
-            tp = self.pool_hw(t)
-            index, table = cpb_coordinates(t, tp, pre, device)
-            table_hw = (t[0], t[1], tp[0], tp[1])
-        else:
-            index, table = cpb_coordinates(hw, pool_hw, pre, device)
-        if self.sr_ratio == 1:
-            seq_scale: Union[Tensor, float] = math.log(hw[0] * hw[1])
-            mask = None
-        else:
-            valid, mask = local_window_mask(hw, self.window_size, device)
-            seq_scale = torch.log(valid + pool_hw[0] * pool_hw[1])
-        geom = _Geometry(hw, pool_hw, index, table, seq_scale, mask, table_hw)
-        if len(self._geom_cache) > 16:
-            self._geom_cache.clear()
-        self._geom_cache[key] = geom
+        if geom is None:
+            geom = self._build_geometry(hw[0], hw[1], device)
+            if len(self._geom_cache) > 16:
+                self._geom_cache.clear()
+            self._geom_cache[key] = geom
         return geom
 
     def forward(self, x: Tensor) -> Tensor:  # [B, C_in, H, W] -> [B, C, H', W']
@@ -718,6 +848,29 @@ class TransNeXtStage(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # model
 # ---------------------------------------------------------------------------------------------
+@register_notrace_function  # FX: shape checks run on the real input, outside the graph
+def check_token_grids(
+    x: Tensor, in_chans: int, patch_size: int, sr_ratios: List[int], fixed_pool_size: int, name: str
+) -> None:
+    """Raise ``ValueError`` naming the model when ``x`` is no ``[B, in_chans, H, W]`` batch or a stage's
+    token grid is smaller than its pooling ratio (or not above ``fixed_pool_size``, when set)."""
+    check_input(x, in_chans, name)
+    h, w = x.shape[2], x.shape[3]
+    for i, sr in enumerate(sr_ratios):
+        div = patch_size if i == 0 else 2
+        h, w = (h + div - 1) // div, (w + div - 1) // div
+        if sr > 1:
+            need = fixed_pool_size + 1 if fixed_pool_size > 0 else sr
+            if min(h, w) < need:
+                why = f"its pooling ratio {sr}"
+                if fixed_pool_size > 0:
+                    why = f"{why}, fixed_pool_size {fixed_pool_size} must be below the grid"
+                raise ValueError(
+                    f"{name}: input ({x.shape[2]}, {x.shape[3]}) gives a {h}x{w} token grid in stage {i}, "
+                    f"smaller than {need} ({why})"
+                )
+
+
 class TransNeXt(nn.Module):
     """TransNeXt classification backbone (timm API). Feature maps are NCHW at strides 4, 8, 16, 32.
 
@@ -735,6 +888,7 @@ class TransNeXt(nn.Module):
         fixed_pool_size: pooled grid of every aggregated-attention stage ("linear inference mode").
         pos_bias: ``"extrapolate"`` or ``"interpolate"`` (see the module docstring).
         attn_impl: ``"fast"``, ``"reference"`` or ``"triton"`` (CUDA).
+        device, dtype: where and in which dtype parameters are created (timm's ``create_model`` arguments).
     """
 
     def __init__(
@@ -759,71 +913,78 @@ class TransNeXt(nn.Module):
         fixed_pool_size: Optional[int] = None,
         pos_bias: str = "extrapolate",
         attn_impl: str = "fast",
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
-        img_size = to_2tuple(img_size)[0]
-        pretrain_size = to_2tuple(pretrain_size or img_size)[0]
-        n = len(depths)
-        for name, seq in (("embed_dims", embed_dims), ("num_heads", num_heads), ("mlp_ratios", mlp_ratios),
-                          ("sr_ratios", sr_ratios), ("window_size", window_size)):
-            if len(seq) != n:
-                raise ValueError(f"TransNeXt: {name} has {len(seq)} entries, expected one per stage ({n})")
-        if attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"TransNeXt: attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
-        if pos_bias not in POS_BIAS_MODES:
-            raise ValueError(f"TransNeXt: pos_bias must be one of {POS_BIAS_MODES}, got {pos_bias!r}")
-        if pos_bias == "interpolate" and fixed_pool_size is not None:
-            raise ValueError("TransNeXt: fixed_pool_size works with pos_bias='extrapolate' only")
-        if pretrain_size // (patch_size * 2 ** (n - 1)) < 2:
-            raise ValueError(
-                f"TransNeXt: pretrain_size {pretrain_size} gives a last-stage grid below 2 "
-                f"(CPB coordinates divide by grid - 1); use >= {2 * patch_size * 2 ** (n - 1)}"
-            )
-        for i, (sr, ws) in enumerate(zip(sr_ratios, window_size)):
-            if sr > 1 and ws is None:
-                raise ValueError(f"TransNeXt: stage {i} has sr_ratio {sr} > 1 and needs a window_size")
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.patch_size = patch_size
-        self.sr_ratios = tuple(sr_ratios)
-        self.fixed_pool_size = fixed_pool_size
-        self.img_size = img_size
-        self.grad_checkpointing = False
-        dpr = [drop_path_rate * j / max(sum(depths) - 1, 1) for j in range(sum(depths))]
-        stages, feature_info, cur = [], [], 0
-        for i in range(n):
-            reduction = patch_size * 2**i
-            stages.append(
-                TransNeXtStage(
-                    in_chans=in_chans if i == 0 else embed_dims[i - 1],
-                    dim=embed_dims[i],
-                    depth=depths[i],
-                    num_heads=num_heads[i],
-                    mlp_ratio=mlp_ratios[i],
-                    sr_ratio=sr_ratios[i],
-                    window_size=window_size[i],
-                    stride=patch_size if i == 0 else 2,
-                    kernel=2 * patch_size - 1 if i == 0 else 3,
-                    reduction=reduction,
-                    table_size=img_size,
-                    pretrain_size=pretrain_size,
-                    fixed_pool_size=fixed_pool_size,
-                    pos_bias=pos_bias,
-                    qkv_bias=qkv_bias,
-                    drop=drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=dpr[cur : cur + depths[i]],
-                    norm_eps=norm_eps,
-                    attn_impl=attn_impl,
+        with factory_device(device):
+            img_size = to_2tuple(img_size)[0]
+            pretrain_size = to_2tuple(pretrain_size or img_size)[0]
+            n = len(depths)
+            for name, seq in (("embed_dims", embed_dims), ("num_heads", num_heads), ("mlp_ratios", mlp_ratios),
+                              ("sr_ratios", sr_ratios), ("window_size", window_size)):
+                if len(seq) != n:
+                    raise ValueError(f"TransNeXt: {name} has {len(seq)} entries, expected one per stage ({n})")
+            if attn_impl not in ATTN_IMPLS:
+                raise ValueError(f"TransNeXt: attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+            if pos_bias not in POS_BIAS_MODES:
+                raise ValueError(f"TransNeXt: pos_bias must be one of {POS_BIAS_MODES}, got {pos_bias!r}")
+            if pos_bias == "interpolate" and fixed_pool_size is not None:
+                raise ValueError("TransNeXt: fixed_pool_size works with pos_bias='extrapolate' only")
+            if pretrain_size // (patch_size * 2 ** (n - 1)) < 2:
+                raise ValueError(
+                    f"TransNeXt: pretrain_size {pretrain_size} gives a last-stage grid below 2 "
+                    f"(CPB coordinates divide by grid - 1); use >= {2 * patch_size * 2 ** (n - 1)}"
                 )
-            )
-            cur += depths[i]
-            feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f"stages.{i}"))
-        self.stages = nn.Sequential(*stages)
-        self.feature_info = feature_info
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool)
-        self.apply(self._init_weights)
+            for i, (sr, ws) in enumerate(zip(sr_ratios, window_size)):
+                if sr > 1 and ws is None:
+                    raise ValueError(f"TransNeXt: stage {i} has sr_ratio {sr} > 1 and needs a window_size")
+            self.num_classes = num_classes
+            self.in_chans = in_chans
+            self.patch_size = patch_size
+            self.sr_ratios = tuple(sr_ratios)
+            self.sr_ratio_list = [int(r) for r in sr_ratios]  # List[int] for TorchScript
+            self.fixed_pool_size = fixed_pool_size
+            self.fixed_pool = int(fixed_pool_size or 0)  # int form (0 = none) for TorchScript
+            self.img_size = img_size
+            self.grad_checkpointing = False
+            dpr = [drop_path_rate * j / max(sum(depths) - 1, 1) for j in range(sum(depths))]
+            stages, feature_info, cur = [], [], 0
+            for i in range(n):
+                reduction = patch_size * 2**i
+                stages.append(
+                    TransNeXtStage(
+                        in_chans=in_chans if i == 0 else embed_dims[i - 1],
+                        dim=embed_dims[i],
+                        depth=depths[i],
+                        num_heads=num_heads[i],
+                        mlp_ratio=mlp_ratios[i],
+                        sr_ratio=sr_ratios[i],
+                        window_size=window_size[i],
+                        stride=patch_size if i == 0 else 2,
+                        kernel=2 * patch_size - 1 if i == 0 else 3,
+                        reduction=reduction,
+                        table_size=img_size,
+                        pretrain_size=pretrain_size,
+                        fixed_pool_size=fixed_pool_size,
+                        pos_bias=pos_bias,
+                        qkv_bias=qkv_bias,
+                        drop=drop_rate,
+                        attn_drop=attn_drop_rate,
+                        drop_path=dpr[cur : cur + depths[i]],
+                        norm_eps=norm_eps,
+                        attn_impl=attn_impl,
+                    )
+                )
+                cur += depths[i]
+                feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f"stages.{i}"))
+            self.stages = nn.Sequential(*stages)
+            self.feature_info = feature_info
+            self.num_features = self.head_hidden_size = embed_dims[-1]
+            self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool)
+            self.apply(self._init_weights)
+        if dtype is not None:
+            self.to(dtype=dtype)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -852,23 +1013,27 @@ class TransNeXt(nn.Module):
                 m.attn_impl = impl
 
     def _name(self) -> str:
+        """Variant name for error messages (``"TransNeXt"`` under TorchScript, which cannot read the cfg dict)."""
+        if torch.jit.is_scripting():
+            return "TransNeXt"
+        return self._variant_name()
+
+    @torch.jit.unused
+    def _variant_name(self) -> str:
         cfg = getattr(self, "pretrained_cfg", None) or {}
         return cfg.get("architecture", type(self).__name__)
 
     def _check_input(self, x: Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"{self._name()}: expected input [B, {self.in_chans}, H, W], got {tuple(x.shape)}")
-        h, w = x.shape[-2:]
-        for i, stage in enumerate(self.stages):
-            h, w = (-(-h // self.patch_size), -(-w // self.patch_size)) if i == 0 else (-(-h // 2), -(-w // 2))
-            if stage.sr_ratio > 1:
-                need = stage.fixed_pool_size + 1 if stage.fixed_pool_size is not None else stage.sr_ratio
-                if min(h, w) < need:
-                    raise ValueError(
-                        f"{self._name()}: input {tuple(x.shape[-2:])} gives a {h}x{w} token grid in stage {i}, "
-                        f"smaller than {need} (its pooling ratio {stage.sr_ratio}"
-                        f"{'' if stage.fixed_pool_size is None else f', fixed_pool_size {stage.fixed_pool_size} must be below the grid'})"
-                    )
+        check_token_grids(x, self.in_chans, self.patch_size, self.sr_ratio_list, self.fixed_pool, self._name())
+
+    def train(self, mode: bool = True) -> "TransNeXt":
+        """timm's ``train``; entering training also drops the eval-time CPB bias caches."""
+        super().train(mode)
+        if mode:
+            for m in self.modules():
+                if isinstance(m, _CpbAttention):
+                    m.cpb_cache.clear()
+        return self
 
     # --- timm API ------------------------------------------------------------------------------
     @torch.jit.ignore
@@ -901,7 +1066,7 @@ class TransNeXt(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
+        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))  # new head where the model is
 
     def forward_intermediates(
         self,
@@ -1037,7 +1202,9 @@ def _create_transnext(variant: str, pretrained: bool = False, **kwargs: Any) -> 
 
 
 def _cfg(hf: str, size: int = 224, **kwargs: Any) -> Dict[str, Any]:
+    file = hf.replace("-", "_") + ".pth"  # the authors' file names (README model zoo)
     return {
+        "url": f"https://huggingface.co/DaiShiResearch/{hf}/resolve/main/{file}",
         "num_classes": 1000,
         "input_size": (3, size, size),
         "pool_size": (size // 32, size // 32),
@@ -1053,8 +1220,8 @@ def _cfg(hf: str, size: int = 224, **kwargs: Any) -> Dict[str, Any]:
         "paper_name": "TransNeXt: Robust Foveal Visual Perception for Vision Transformers",
         "origin_url": "https://github.com/DaiShiResearch/TransNeXt",
         "notes": (
-            f"Authors' weights: https://huggingface.co/DaiShiResearch/{hf}; download it and pass "
-            "pretrained_cfg_overlay=dict(file=...) (vision3d does not download weights).",
+            "Authors' weights (their key layout, converted on load); vision3d does not download them: save the url "
+            "to vision3d.backbones._helpers.local_weights_path(url) or pass pretrained_cfg_overlay=dict(file=...).",
         ),
         **kwargs,
     }

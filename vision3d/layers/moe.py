@@ -36,8 +36,6 @@ arXiv:2401.06066 (shared + fine-grained routed experts); Zhang et al., "MoEficat
 arXiv:2110.01786 (experts as neuron slices of a dense FFN). Written for vision3d, Apache-2.0.
 """
 
-from __future__ import annotations
-
 import copy
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -45,6 +43,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import Tensor
 
 __all__ = [
@@ -113,7 +112,7 @@ class RandomUniformPartitionRouter(Router):
         T = tokens.shape[0]
         gen = self.generator
         perm = torch.randperm(T, generator=gen, device="cpu" if gen is not None else tokens.device).to(tokens.device)
-        part = torch.arange(T, device=tokens.device) * self.num_experts // max(T, 1)  # equal contiguous parts
+        part = torch.arange(T, device=tokens.device) * self.num_experts // T  # equal contiguous parts (empty if T == 0)
         index = torch.empty(T, dtype=torch.long, device=tokens.device)
         index[perm] = part
         return Routing(index[:, None], torch.ones(T, 1, dtype=tokens.dtype, device=tokens.device))
@@ -232,6 +231,7 @@ def average_experts(experts: Sequence[nn.Module]) -> nn.Module:
     return dense
 
 
+@register_notrace_module  # FX: one leaf (data-dependent dispatch: per-expert token counts)
 class MoE(nn.Module):
     """Experts + router with sort-based dispatch and weighted scatter-add combine.
 
