@@ -11,7 +11,8 @@ from vision3d.train.distributed import DistInfo
 from vision3d.train.engine import prepare_run_dir
 
 
-@pytest.mark.parametrize("preset", sorted((REPO / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("preset", sorted(p for p in (REPO / "configs").glob("*/*.yaml") if p.parent.name != "gen"),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_presets_load_and_round_trip(preset, tmp_path):
     cfg = load_config(preset)
     again = tmp_path / "config.yaml"
@@ -59,3 +60,13 @@ def test_lpips_loss_refuses_without_weights(monkeypatch):
     with pytest.raises(metrics.LPIPSWeightsMissing, match="--loss.lpips 0"):
         Loss(LossConfig(lpips=0.1), torch.device("cpu"))
     Loss(LossConfig(lpips=0.0), torch.device("cpu"))  # no LPIPS asked: no error
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "configs" / "gen").glob("*.yaml")), ids=lambda p: p.name)
+def test_generation_presets_load_and_round_trip(preset, tmp_path):
+    from vision3d.gen.recipe import dump_gen_config, load_gen_config
+
+    cfg = load_gen_config(preset)
+    again = tmp_path / "config.yaml"
+    again.write_text(dump_gen_config(cfg))
+    assert load_gen_config(again) == cfg

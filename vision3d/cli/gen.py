@@ -22,8 +22,9 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
+from vision3d.cli import pop_option
 from vision3d.gen.recipe import GenConfig
 
 
@@ -191,21 +192,6 @@ def run_sample(a: SampleArgs) -> int:
 RUNNERS = {"train": run_train, "convert": run_convert, "distill": run_distill, "sample": run_sample}
 
 
-def _split_preset(argv: list[str]) -> tuple[Optional[str], list[str]]:
-    rest, preset, i = [], None, 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--preset" or a.startswith("--preset="):
-            preset = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
-            if not preset:
-                raise ValueError("--preset needs a file")
-            i += 1 if "=" in a else 2
-            continue
-        rest.append(a)
-        i += 1
-    return preset, rest
-
-
 def _flag(argv: list[str], name: str, default: str) -> str:
     for i, a in enumerate(argv):
         if a.startswith(f"--{name}="):
@@ -227,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     sub, rest = argv[0], argv[1:]
     cls = SUBCOMMANDS[sub]
     try:
-        preset, rest = _split_preset(rest)
+        preset, rest = pop_option(rest, "--preset")
         default = cls()
         if sub != "sample":
             if preset is None and sub in ("convert", "distill"):

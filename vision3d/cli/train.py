@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from vision3d.cli import pop_option
 from vision3d.train.config import TrainConfig, load_config
 
 Args = TrainConfig
@@ -29,20 +30,8 @@ Args = TrainConfig
 
 def split_preset(argv: list[str]) -> tuple[TrainConfig, list[str]]:
     """Pull ``--preset PATH`` out of argv and load it (unknown keys are an error naming the key)."""
-    rest, cfg = [], TrainConfig()
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--preset" or a.startswith("--preset="):
-            path = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
-            if not path:
-                raise SystemExit("vision3d train: --preset needs a file")
-            cfg = load_config(path)
-            i += 1 if "=" in a else 2
-            continue
-        rest.append(a)
-        i += 1
-    return cfg, rest
+    path, rest = pop_option(argv, "--preset")
+    return (TrainConfig() if path is None else load_config(path)), rest
 
 
 def run(cfg: TrainConfig) -> int:
@@ -72,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"vision3d train: {e}", file=sys.stderr)
         return 2
-    backbone, rest = split_backbone(rest)
+    try:
+        backbone, rest = split_backbone(rest)
+    except ValueError as e:
+        print(f"vision3d train: {e} (a timm model name)", file=sys.stderr)
+        return 2
     cfg = tyro.cli(TrainConfig, args=rest, default=default, prog="vision3d train", description=__doc__)
     if backbone is not None:
         cfg.model_kwargs = {**cfg.model_kwargs, "backbone": backbone, "backbone_kwargs": {}}
@@ -81,16 +74,4 @@ def main(argv: list[str] | None = None) -> int:
 
 def split_backbone(argv: list[str]) -> tuple[str | None, list[str]]:
     """Pull ``--backbone NAME`` out of argv (the timm name of the reconstructor's image encoder)."""
-    rest, name = [], None
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--backbone" or a.startswith("--backbone="):
-            name = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")
-            if not name:
-                raise SystemExit("vision3d train: --backbone needs a timm model name")
-            i += 1 if "=" in a else 2
-            continue
-        rest.append(a)
-        i += 1
-    return name, rest
+    return pop_option(argv, "--backbone")
