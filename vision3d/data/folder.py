@@ -61,6 +61,7 @@ __all__ = [
     "load_video",
     "laplacian_variance",
     "majority_size",
+    "exif_camera",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -113,6 +114,26 @@ def read_image(path: str | os.PathLike, exif_transpose: bool = True) -> Tensor: 
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"{p}: cannot read the image ({e})") from e
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def exif_camera(path: str | os.PathLike) -> tuple | None:
+    """``(width, height, make, model, focal_length)`` of a photo from its header (upright size), or None when it
+    has no EXIF camera model or cannot be opened; photos with equal keys come from one camera at one zoom."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            exif = im.getexif()
+            make, model = exif.get(0x010F), exif.get(0x0110)
+            focal = exif.get_ifd(0x8769).get(0x920A)
+            if exif.get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees
+                w, h = h, w
+    except (OSError, ValueError, SyntaxError):
+        return None
+    if not model:
+        return None
+    return w, h, str(make or "").strip(), str(model).strip(), None if focal is None else float(focal)
 
 
 def _known_cameras(source: str | os.PathLike, where: Path) -> dict[str, Cameras]:
