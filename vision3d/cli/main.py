@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS or importlib.util.find_spec(COMMANDS[name][0]) is None:
         print(f"vision3d: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    if name == "reconstruct" and len(argv) > 1 and not argv[1].startswith("-"):
+        from pathlib import Path
+
+        if not Path(argv[1]).exists():  # before torch loads: a typo is reported at once
+            print(f"vision3d reconstruct: error: {argv[1]}: no such photo folder or video", file=sys.stderr)
+            return 2
     import tyro
 
     module = importlib.import_module(COMMANDS[name][0])

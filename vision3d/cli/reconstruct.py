@@ -33,14 +33,23 @@ class Args(ReconstructConfig):
     """A folder of photos or a video file."""
 
 
+def _resume_command() -> str:
+    """The command line that continues this run: the same arguments plus --resume (an unfinished pose stage
+    restarts by itself, a fit continues from its checkpoint)."""
+    import shlex
+
+    argv = [a for a in sys.argv[1:] if a != "--resume"]
+    head = "vision3d" if not argv or argv[0] == "reconstruct" else "vision3d reconstruct"
+    return " ".join([head, *map(shlex.quote, argv), "--resume"])
+
+
 def run(args: Args) -> int:
     from vision3d.utils.optional import MissingDependencyError
 
     try:
         m = reconstruct(args)
     except KeyboardInterrupt:
-        print(f"\nvision3d reconstruct: interrupted; continue with the same command and --resume ({args.out})",
-              file=sys.stderr)
+        print(f"\nvision3d reconstruct: interrupted; continue with: {_resume_command()}", file=sys.stderr)
         return 130
     except MissingDependencyError as e:
         print(f"vision3d reconstruct: error: {e}", file=sys.stderr)
@@ -55,9 +64,13 @@ def run(args: Args) -> int:
     t = m["test"]
     held = (f"held-out PSNR {t['psnr']:.2f} dB, SSIM {t['ssim']:.4f} over {t['count']} views"
             if t.get("count") else "no held-out views")
+    a = t.get("appearance")
+    if a:
+        held += (f"; right halves with each photo's appearance fitted on its left half: "
+                 f"PSNR {a['psnr_right_half_fitted']:.2f} dB (mean appearance {a['psnr_right_half_mean_embedding']:.2f})")
     print(
         f"vision3d reconstruct: {m['images']['registered']}/{m['images']['input']} images posed "
         f"({m['poses'].get('estimator', '?')}), {m['num_gaussians']} Gaussians, {held}, "
-        f"{m['time_s']['total']:.1f} s -> {Path(args.out)}"
+        f"{m['time_s'].get('total_all_runs', m['time_s']['total']):.1f} s -> {Path(args.out)}"
     )
     return 0

@@ -140,7 +140,8 @@ def _known_cameras(source: str | os.PathLike, where: Path) -> dict[str, Cameras]
     """File name (lower case) -> Cameras [1] from a COLMAP model or a transforms.json."""
     src = Path(source)
     out: dict[str, Cameras] = {}
-    if src.suffix.lower() == ".json" or (src.is_dir() and (src / "transforms.json").is_file()):
+    colmap_here = src.is_dir() and any((src / f).is_file() for f in ("cameras.txt", "cameras.bin"))
+    if src.suffix.lower() == ".json" or (src.is_dir() and (src / "transforms.json").is_file() and not colmap_here):
         from vision3d.geometry.transforms_json import read_transforms_json
 
         tj = read_transforms_json(src)
