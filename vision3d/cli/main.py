@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -23,6 +24,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("vision3d.cli.export", "export a run to ply/splat/colmap/transforms"),
     "convert": ("vision3d.cli.convert", "convert authors' checkpoints to vision3d's layout"),
 }
+
+
+def plain_help(doc: str | None) -> str | None:
+    """A module docstring as terminal text: reST roles, double backticks and ``Examples::`` markers removed."""
+    if doc is None:
+        return None
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc)
+    text = text.replace("``", "")
+    text = re.sub(r"::\n", ":\n", text)
+    return re.sub(r"\n{3,}", "\n\n", text)
 
 
 def _usage() -> str:
@@ -58,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     if hasattr(module, "main"):  # commands with their own argument handling (presets)
         return int(module.main(argv[1:]) or 0)
-    args = tyro.cli(module.Args, args=argv[1:], prog=f"vision3d {name}", description=module.__doc__)
+    args = tyro.cli(module.Args, args=argv[1:], prog=f"vision3d {name}", description=plain_help(module.__doc__))
     return int(module.run(args) or 0)
 
 

@@ -9,10 +9,17 @@ Examples::
     vision3d reconstruct photos/ --out runs/garden --mesh                # + mesh.ply (TSDF, [mesh] extra)
     vision3d reconstruct photos/ --out runs/garden --poses vggt --pose-weights vggt.pt --pose-ba
     vision3d reconstruct photos/ --out runs/garden --init ilrm_re10k --init-weights re10k.ckpt
+    vision3d reconstruct landmark/ --out runs/landmark --fit.appearance --fit.pose-opt   # internet photos
 
 The run folder holds ``scene.ply``, ``images/`` and ``cameras/`` (COLMAP text model and
 ``transforms.json``), ``renders/`` (held-out render | photo), ``metrics.json``, ``video.mp4``,
-``ckpt/`` and, with ``--mesh``, ``mesh.ply``. The pipeline is :mod:`vision3d.train.reconstruct`.
+``ckpt/``, ``run.json`` (settings and time across resumes), with ``--mesh`` ``mesh.ply``, and ``sfm/``:
+COLMAP's work folder (the images it saw, database.db, sparse/ models, undistorted/ and colmap.log,
+COLMAP's own log; often most of the folder's size; --no-keep-sfm removes it). Photos keep their own
+sizes and intrinsics. SfM is deterministic with the default --sfm-threads 1 (seeded by --seed); with
+more threads the registration may differ between runs. An interrupted or failed pose stage restarts
+when the same command is run again; after Ctrl-C during the fit, the printed command continues it.
+The pipeline is :mod:`vision3d.train.reconstruct`.
 """
 
 from __future__ import annotations

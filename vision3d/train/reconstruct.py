@@ -93,8 +93,7 @@ class ReconstructConfig:
     """Run folder to write (refused if it is not empty, unless --resume or --overwrite)."""
 
     poses: str = "colmap"
-    """Pose estimator: colmap (incremental SfM with pycolmap, the [sfm] extra), known (given cameras), or a
-    feed-forward network: vggt | flashvggt (needs --pose-weights)."""
+    """Pose estimator: colmap (incremental SfM with pycolmap, the [sfm] extra), known (given cameras), or a feed-forward network: vggt | flashvggt (needs --pose-weights)."""
 
     pose_weights: Path | None = None
     """--poses vggt|flashvggt: the model weights (the authors' checkpoint or a `vision3d convert` output)."""
@@ -124,13 +123,10 @@ class ReconstructConfig:
     """Leave out photos that cannot be decoded (they are listed) instead of stopping."""
 
     pose_ba: bool = False
-    """--poses vggt|flashvggt: refine the predicted cameras by bundle adjustment on SIFT matches (pycolmap, the [sfm]
-    extra), as VGGT's demo does."""
+    """--poses vggt|flashvggt: refine the predicted cameras by bundle adjustment on SIFT matches (pycolmap, the [sfm] extra), as VGGT's demo does."""
 
     init: str = "sfm"
-    """Initial Gaussians: sfm (on the SfM / known sparse points; random when there are none), random, or a
-    feed-forward reconstructor whose output is Gaussians (ilrm_re10k, ilrm_dl3dv, ilrm_dl3dv_wide; needs
-    --init-weights)."""
+    """Initial Gaussians: sfm (on the SfM / known sparse points; random when there are none), random, or a feed-forward reconstructor whose output is Gaussians (ilrm_re10k, ilrm_dl3dv, ilrm_dl3dv_wide; needs --init-weights)."""
 
     init_weights: Path | None = None
     """--init <reconstructor>: its weights (the authors' checkpoint or a `vision3d convert` output)."""
@@ -148,8 +144,7 @@ class ReconstructConfig:
     """Downscale so the longest image side is at most this (None: 1600 on a GPU, 320 on the CPU)."""
 
     pose_max_size: int = 1024
-    """Longest image side for pose estimation (SfM features); the posed images are then downscaled to --max-size
-    for the fit. SIFT on 320-px images registers far fewer photos (kitchen: 10/25 at 318 px)."""
+    """Longest image side for pose estimation (SfM features); the posed images are then downscaled to --max-size for the fit. SIFT on 320-px images registers far fewer photos (kitchen: 10/25 at 318 px)."""
 
     size_policy: Literal["keep", "crop", "error"] = "keep"
     """Photos of different sizes: keep (each keeps its own size and intrinsics through SfM, fitting, evaluation and export), crop (centre-crop every photo to the size of the majority aspect ratio), or error."""
@@ -170,12 +165,10 @@ class ReconstructConfig:
     """Opacity of every initial Gaussian."""
 
     ckpt_every: int = 500
-    """Steps between checkpoints (ckpt/state.pt: the whole fit state; ckpt/scene.ply: its Gaussians); one is also
-    written after the last step and on Ctrl-C."""
+    """Steps between checkpoints (ckpt/state.pt: the whole fit state; ckpt/scene.ply: its Gaussians); one is also written after the last step and on Ctrl-C."""
 
     resume: bool = False
-    """Continue an interrupted run in --out from its images/, cameras/ and ckpt/state.pt, exactly as if it had not
-    stopped; refused when a setting that changes the result differs (the outputs' settings may change)."""
+    """Continue an interrupted run in --out from its images/, cameras/ and ckpt/state.pt, exactly as if it had not stopped; refused when a setting that changes the result differs (the outputs' settings may change)."""
 
     overwrite: bool = False
     """Write into a non-empty --out, replacing files of the same names."""
@@ -208,8 +201,7 @@ class ReconstructConfig:
     """Show progress bars."""
 
     fit: SceneFitConfig = field(default_factory=_default_fit)
-    """Refinement settings (fit.steps and fit.seed come from --steps and --seed). Default: the 3DGS loss, gsplat's
-    DefaultStrategy refining every 100 steps from step 200 (mcmc needs a GPU)."""
+    """Refinement settings (fit.steps and fit.seed come from --steps and --seed). Default: the 3DGS loss, gsplat's DefaultStrategy refining every 100 steps from step 200 (mcmc needs a GPU)."""
 
 
 # ------------------------------------------------------------------ input

@@ -103,8 +103,7 @@ class SceneFitConfig:
     """Steps between switching on successive SH bands."""
 
     scene_scale: float | None = None
-    """World scale multiplying the means' learning rate and the densification thresholds; None:
-    1.1 x the largest distance of a camera centre from their mean (3DGS's ``spatial_lr_scale``)."""
+    """World scale multiplying the means' learning rate and the densification thresholds; None: 1.1 x the largest distance of a camera centre from their mean (3DGS's ``spatial_lr_scale``)."""
 
     densify: Literal["none", "default", "mcmc"] = "none"
     """Densification: none, gsplat's DefaultStrategy (CPU or GPU), or MCMCStrategy (GPU only)."""
@@ -137,10 +136,7 @@ class SceneFitConfig:
     """Renderer backend: auto picks gsplat on CUDA, else the PyTorch twin."""
 
     appearance: bool = False
-    """Per-image appearance: a learned embedding per training photo, decoded by a small MLP into a colour
-    transform of that photo's render (exposure, white balance, tone), so lighting that differs between
-    photos is not baked into the Gaussians as haze and floaters (gsplat's ``app_opt``, NeRF-W's
-    appearance codes)."""
+    """Per-image appearance: a learned embedding per training photo, decoded by a small MLP into a colour transform of that photo's render (exposure, white balance, tone), so lighting that differs between photos is not baked into the Gaussians as haze and floaters (gsplat's ``app_opt``, NeRF-W's appearance codes)."""
 
     appearance_dim: int = 16
     """Length of each photo's appearance embedding (gsplat: 16)."""
@@ -152,8 +148,7 @@ class SceneFitConfig:
     """Weight decay of the appearance embeddings and MLP (gsplat's ``app_opt_reg``)."""
 
     pose_opt: bool = False
-    """Refine each training camera's pose: a learned per-photo rigid correction (translation + 6-D rotation)
-    applied to its cam_to_world, initialised at the identity (gsplat's ``pose_opt``)."""
+    """Refine each training camera's pose: a learned per-photo rigid correction (translation + 6-D rotation) applied to its cam_to_world, initialised at the identity (gsplat's ``pose_opt``)."""
 
     lr_pose: float = 1e-5
     """Learning rate of the pose corrections (gsplat's ``pose_opt_lr``)."""
@@ -195,9 +190,13 @@ class AppearanceModel(torch.nn.Module):
         super().__init__()
         if num_views < 1 or dim < 1:
             raise ValueError(f"AppearanceModel: need num_views >= 1 and dim >= 1, got {num_views}, {dim}")
-        self.embeds = torch.nn.Parameter(0.1 * torch.randn(num_views, dim, generator=generator))  # [V, D]
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.embeds = torch.nn.Parameter(0.1 * torch.randn(num_views, dim, generator=gen))  # [V, D]
         self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, width), torch.nn.ReLU(), torch.nn.Linear(width, 12))
-        with torch.no_grad():
+        with torch.no_grad():  # every weight from ``gen`` (not the global RNG), so a fit is reproducible
+            bound = 1.0 / dim**0.5
+            self.mlp[0].weight.copy_((torch.rand(width, dim, generator=gen) * 2 - 1) * bound)
+            self.mlp[0].bias.copy_((torch.rand(width, generator=gen) * 2 - 1) * bound)
             self.mlp[-1].weight.zero_()
             self.mlp[-1].bias.zero_()
 
