@@ -328,3 +328,29 @@ def test_mixed_size_photos_keep_their_sizes(tmp_path):
     assert isinstance(images, list) and [(c.width, c.height) for c in got] == [(c.width, c.height) for c in cams]
     for a, b in zip(got, cams):
         torch.testing.assert_close(a.K, b.K, atol=1e-3, rtol=0)
+
+
+def test_interrupted_pose_stage_restarts_with_the_printed_command(tmp_path, capsys, monkeypatch):
+    import vision3d.train.reconstruct as rec
+
+    folder, _ = make_photo_folder(tmp_path, n=5, width=24, height=16, cameras="transforms")
+    out = tmp_path / "run"
+    real = rec._write_posed
+
+    def interrupted(out_dir, result, progress):
+        from vision3d.utils.images import save_png
+
+        save_png(out_dir / "images" / "half_written.png", result.images[0])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rec, "_write_posed", interrupted)
+    args = run_args(folder, out, 2, "--no-video", "--fit.pose-opt")
+    monkeypatch.setattr(sys, "argv", ["vision3d", *args])
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "--resume" in err and str(out) in err
+    monkeypatch.setattr(rec, "_write_posed", real)
+    assert main([*args, "--resume"]) == 0  # the printed command: the pose stage starts again
+    m = json.loads((out / "metrics.json").read_text())
+    assert not (out / "images" / "half_written.png").exists() and m["images"]["registered"] == 5
+    assert m["pose_opt"]["mean_rotation_change_deg"] >= 0

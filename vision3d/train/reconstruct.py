@@ -751,6 +751,14 @@ def reconstruct(cfg: ReconstructConfig) -> dict:
                        checkpoint=lambda state: _save_fit_checkpoint(ckpt_dir, state, run_config, init_info),
                        checkpoint_every=cfg.ckpt_every)
     fitted, history = result.gaussians, result.history
+    pose_opt = None
+    if result.cameras is not None:  # --fit.pose-opt: how far the training cameras moved (cameras/ keeps SfM's)
+        new = _common_size_cameras(result.cameras).cam_to_world.cpu()
+        old = _common_size_cameras(train_cams).cam_to_world.cpu()
+        dR = old[:, :3, :3].transpose(-1, -2) @ new[:, :3, :3]
+        ang = torch.rad2deg(torch.acos(((dR.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)))
+        pose_opt = {"mean_translation_change": float((new[:, :3, 3] - old[:, :3, 3]).norm(dim=-1).mean()),
+                    "mean_rotation_change_deg": float(ang.mean())}
     times["fit"] = time.perf_counter() - t0
 
     # 5. outputs
@@ -811,6 +819,7 @@ def reconstruct(cfg: ReconstructConfig) -> dict:
                    "dropped": pose_info.get("dropped", [])},
         "poses": pose_info,
         "init": init_info,
+        "pose_opt": pose_opt,
         "num_gaussians": fitted.num,
         "steps": steps,
         "resumed_from_step": start,
