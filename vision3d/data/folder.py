@@ -117,8 +117,8 @@ def read_image(path: str | os.PathLike, exif_transpose: bool = True) -> Tensor: 
 
 
 def exif_camera(path: str | os.PathLike) -> tuple | None:
-    """``(width, height, make, model, focal_length)`` of a photo from its header (upright size), or None when it
-    has no EXIF camera model or cannot be opened; photos with equal keys come from one camera at one zoom."""
+    """``(width, height, make, model, focal_length)`` of a photo from its header (upright size; the EXIF fields
+    None when absent), or None when it cannot be opened; photos with equal keys come from one camera at one zoom."""
     from PIL import Image
 
     try:
@@ -131,9 +131,8 @@ def exif_camera(path: str | os.PathLike) -> tuple | None:
                 w, h = h, w
     except (OSError, ValueError, SyntaxError):
         return None
-    if not model:
-        return None
-    return w, h, str(make or "").strip(), str(model).strip(), None if focal is None else float(focal)
+    return (w, h, str(make or "").strip() or None, str(model or "").strip() or None,
+            None if focal is None else float(focal))
 
 
 def _known_cameras(source: str | os.PathLike, where: Path) -> dict[str, Cameras]:

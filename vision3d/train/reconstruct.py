@@ -105,7 +105,7 @@ class ReconstructConfig:
     """--poses colmap: CPU threads of feature extraction, matching and mapping. 1 (default): the same command registers the same photos every run (COLMAP is seeded with --seed); -1 uses every core, faster, but multi-threaded mapping may register a different set from run to run."""
 
     camera_mode: Literal["auto", "single", "per-folder", "per-image"] = "auto"
-    """--poses colmap: which photos share one camera (intrinsics). auto: single when every photo has the same size and EXIF camera and focal length (a walk with one camera, a video), else per-image (internet photos, several cameras or zooms)."""
+    """--poses colmap: which photos share one camera (intrinsics). auto: single when every photo has the same size and the same EXIF camera and focal length (a walk with one camera, a video, frames without EXIF), else per-image (internet photos, several cameras or zooms)."""
 
     min_registered_fraction: float = 0.6
     """--poses colmap: refuse the run (listing the photos left out) when SfM registers fewer than this share of the photos."""
@@ -548,14 +548,18 @@ def _pose_stage(cfg: ReconstructConfig, out: Path, dev: torch.device, max_size: 
                       ba_options={"num_threads": cfg.sfm_threads, "seed": cfg.seed, "progress": cfg.progress})
     estimator = create_pose_estimator(cfg.poses, **kw)
     pose_size = max_size if cfg.poses == "known" else max(max_size, cfg.pose_max_size)
-    inputs = load_input(cfg, pose_size, with_cameras=estimator.needs_known_cameras)
+    load_cfg = cfg
+    if cfg.poses not in ("colmap", "known") and cfg.size_policy == "keep":  # a network takes one size
+        load_cfg = replace(cfg, size_policy="crop")
+    inputs = load_input(load_cfg, pose_size, with_cameras=estimator.needs_known_cameras)
     result = _downscale_result(estimator.estimate(inputs, out / "sfm"), max_size)
     result.info.setdefault("input_images", len(inputs.names))
     _write_posed(out, result, cfg.progress)
 
 
 def _camera_mode(cfg: ReconstructConfig) -> str:
-    """--camera-mode auto: single when every photo has one size and one EXIF camera and focal length."""
+    """--camera-mode auto: single when every photo has one size and the same EXIF camera and focal length (or
+    none of them has EXIF, as frames extracted from one video), else per-image."""
     if cfg.camera_mode != "auto":
         return cfg.camera_mode
     src = Path(cfg.input)
@@ -564,7 +568,7 @@ def _camera_mode(cfg: ReconstructConfig) -> str:
     from vision3d.data.folder import exif_camera, list_images
 
     keys = {exif_camera(p) for p in list_images(src)}
-    return "single" if len(keys) == 1 and None not in keys else "per-image"
+    return "single" if len(keys) == 1 and None not in keys else "per-image"  # e.g. frames of one video
 
 
 def _progress(it, enabled: bool, desc: str):
