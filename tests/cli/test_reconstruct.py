@@ -280,7 +280,7 @@ def test_invalid_input_creates_nothing_and_unreadable_listed(tmp_path, capsys):
     (folder / "img_01.png").write_bytes(b"not a png")
     (folder / "img_03.png").write_bytes(b"nor this")
     out = tmp_path / "run"
-    err = _fails(run_args(folder, out, 2), capsys, "img_01.png", "img_03.png", "--skip-unreadable")
+    _fails(run_args(folder, out, 2), capsys, "img_01.png", "img_03.png", "--skip-unreadable")
     assert not out.exists()
     assert main(run_args(folder, out, 2, "--skip-unreadable", "--no-video", "--holdout-every", "0")) == 0
     m = json.loads((out / "metrics.json").read_text())

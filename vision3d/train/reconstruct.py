@@ -227,7 +227,6 @@ def _is_video(path: Path) -> bool:
 def load_input(cfg: ReconstructConfig, max_size: int | None, with_cameras: bool):
     """The input as a :class:`~vision3d.poses.base.PoseInput` (images downscaled to ``max_size``)."""
     from vision3d.data.folder import IMAGE_EXTENSIONS, list_images, load_images, load_video
-    from vision3d.data.preprocess import resize_and_center_crop
     from vision3d.poses.base import PoseInput
 
     src = Path(cfg.input)
@@ -598,9 +597,9 @@ def _evaluate(cfg, out: Path, fitted, app, test_imgs, test_cams, names: list[str
             pred = raw if app is None else app.apply(raw, app.mean_code()[None])
         pred = pred.clamp(0, 1)
         m = metrics_obj(pred.cpu(), gt.cpu())
-        entry = {"image": names[j], **m}
+        w = gt.shape[-1] // 2
+        entry = {"image": names[j], **m, "psnr_right_half": float(psnr(pred[..., w:], gt[..., w:]))}
         if app is not None:
-            w = gt.shape[-1] // 2
             mask = torch.zeros(gt.shape[-2:], dtype=torch.bool, device=gt.device)
             mask[:, :w] = True
             with torch.enable_grad():
@@ -622,7 +621,10 @@ def _evaluate(cfg, out: Path, fitted, app, test_imgs, test_cams, names: list[str
             "psnr_right_half_mean_embedding": sum(p for p, _ in halves["mean"]) / n,
             "ssim_right_half_mean_embedding": sum(q for _, q in halves["mean"]) / n,
         }
-    return metrics_obj.compute(), per_view, app_metrics
+    summary = metrics_obj.compute()
+    if per_view:
+        summary["psnr_right_half"] = sum(v["psnr_right_half"] for v in per_view) / len(per_view)
+    return summary, per_view, app_metrics
 
 
 def rasterize_view(g, cam: Cameras, bg: Tensor, backend: str) -> Tensor:  # -> [1, 3, H, W]
@@ -636,15 +638,13 @@ def reconstruct(cfg: ReconstructConfig) -> dict:
 
     Raises ``KeyboardInterrupt`` after writing a checkpoint when interrupted during the fit.
     """
-    from vision3d.eval.metrics import Metrics, psnr
+    from vision3d.eval.metrics import psnr
     from vision3d.gaussians.ply import save_ply
     from vision3d.mesh.tsdf import tsdf_mesh
-    from vision3d.poses.base import create_pose_estimator
     from vision3d.poses.path import smooth_camera_path
     from vision3d.render import rasterize
     from vision3d.train.config import to_dict
     from vision3d.train.scene_fit import camera_scene_scale, fit_scene, gaussians_from_points
-    from vision3d.utils.images import save_png
     from vision3d.utils.io import write_text_atomic
     from vision3d.utils.optional import require
     from vision3d.utils.video import write_video
@@ -676,7 +676,13 @@ def reconstruct(cfg: ReconstructConfig) -> dict:
     out = _check_out(cfg)
     run_file = out / _RUN_FILE
     before = json.loads(run_file.read_text()).get("time_s_before", 0.0) if run_file.is_file() else 0.0
-    write_text_atomic(run_file, json.dumps({"time_s_before": before, "config": to_plain(asdict(cfg))}, default=str))
+
+    def record_time() -> None:  # the time so far, for the total across resumes (after a pose stage, each checkpoint)
+        if out.is_dir():
+            write_text_atomic(run_file, json.dumps({"time_s_before": before + time.perf_counter() - t_start,
+                                                    "config": to_plain(asdict(cfg))}, default=str))
+
+    record_time()
     times: dict[str, float] = {}
 
     # 1-2. input and poses (or the run folder's, when resuming)
@@ -688,6 +694,8 @@ def reconstruct(cfg: ReconstructConfig) -> dict:
         except BaseException:
             if created and all(p.name == _RUN_FILE for p in out.iterdir()):
                 shutil.rmtree(out, ignore_errors=True)  # invalid input: leave nothing behind
+            else:
+                record_time()
             raise
         if not cfg.keep_sfm:
             shutil.rmtree(out / "sfm", ignore_errors=True)
@@ -752,7 +760,8 @@ def reconstruct(cfg: ReconstructConfig) -> dict:
         init_info["reconstructor"] = recon_info
     t0 = time.perf_counter()
     result = fit_scene(init.to(dev), train_imgs, train_cams, fit_run,
-                       checkpoint=lambda state: _save_fit_checkpoint(ckpt_dir, state, run_config, init_info),
+                       checkpoint=lambda state: (_save_fit_checkpoint(ckpt_dir, state, run_config, init_info),
+                                                 record_time()),
                        checkpoint_every=cfg.ckpt_every)
     fitted, history = result.gaussians, result.history
     pose_opt = None
