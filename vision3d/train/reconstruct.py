@@ -2,8 +2,9 @@
 
 The library side of ``vision3d reconstruct``. Stages:
 
-1. **Input** (:mod:`vision3d.data.folder`): an image folder (EXIF orientation, the mixed-size
-   policy) or a video (evenly spread frames, the sharpest per window); optional known cameras
+1. **Input** (:mod:`vision3d.data.folder`): an image folder (EXIF orientation; every photo keeps its
+   own size and intrinsics by default, as gsplat's COLMAP parser and nerfstudio do, so mixed sizes
+   travel as lists through every stage; unreadable files are listed at once) or a video (evenly spread frames, the sharpest per window); optional known cameras
    (``--cameras``, or ``transforms.json`` / ``sparse/0`` / ``cameras.txt`` found beside the photos);
    downscaled so the longest side is at most ``pose_max_size`` for pose estimation, then to ``max_size``.
 2. **Poses** (:mod:`vision3d.poses`): a registered pose estimator (``known``, ``colmap``...). Its
@@ -20,11 +21,23 @@ The library side of ``vision3d reconstruct``. Stages:
    view order and RNG states; ``ckpt/scene.ply``, its Gaussians) every ``ckpt_every`` steps, after the
    last step and on Ctrl-C; ``resume`` continues exactly (bit-identical to an uninterrupted run on the
    CPU) and refuses a config that would change the result.
+   With ``fit.appearance`` each training photo gets an appearance embedding
+   (:class:`~vision3d.train.scene_fit.AppearanceModel`), ``scene.ply`` holds the Gaussians with
+   the mean embedding's colour transform baked in, and the held-out photos are also scored by the
+   protocol of collections with varying appearance (embedding fitted on the left half, PSNR/SSIM
+   of the right half; NeRF-W, Martin-Brualla et al., CVPR 2021, arXiv 2008.02268), beside the plain
+   metric; ``fit.pose_opt`` refines the training cameras (gsplat's ``pose_opt``).
 5. **Outputs** (every file written atomically): ``scene.ply`` (INRIA layout), ``renders/<name>.png``
    (held-out render | photo), ``metrics.json``, ``video.mp4`` along a smooth path through the
    cameras (:func:`vision3d.poses.path.smooth_camera_path`), and with ``mesh`` a TSDF fusion of the
    rendered depth with open3d (Zhou, Park, Koltun, "Open3D", arXiv 1801.09847; MIT) saved as
    ``mesh.ply``.
+
+**Run folder life cycle.** ``run.json`` marks the folder as ours and keeps the time of earlier,
+interrupted runs (the summary's total covers all of them). A pose stage that did not finish
+(Ctrl-C, a failed SfM: no ``cameras/poses.json``) is started again by the same command, with or
+without ``--resume``; after the pose stage ``--resume`` continues the fit from ``ckpt/state.pt``.
+Invalid input leaves no run folder behind.
 
 Written for vision3d (Apache-2.0).
 """
