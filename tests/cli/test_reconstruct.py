@@ -288,14 +288,22 @@ def test_invalid_input_creates_nothing_and_unreadable_listed(tmp_path, capsys):
 
 
 def test_missing_path_is_reported_before_torch_loads(tmp_path):
-    """cli.main checks the path before importing the command (and torch); vision3d/__init__ itself still imports
-    torch (timm registration), so torch is dropped from sys.modules first to see that main does not load it again."""
     import subprocess
 
-    code = ("import sys; from vision3d.cli import main as m; sys.modules.pop('torch', None); "
-            "rc = m.main(['reconstruct', sys.argv[1]]); print('torch' in sys.modules); sys.exit(rc)")
+    code = ("import sys; from vision3d.cli import main as m; rc = m.main(['reconstruct', sys.argv[1]]); "
+            "print('torch' in sys.modules); sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "nope")], capture_output=True, text=True)
     assert r.returncode == 2 and "nope" in r.stderr and r.stdout.strip() == "False"
+
+
+def test_import_vision3d_still_registers_the_backbones_with_timm():
+    import subprocess
+
+    for code in ("import vision3d, timm; assert 'affnet' in timm.list_models('affnet*')",
+                 "import timm, vision3d; assert 'affnet' in timm.list_models('affnet*')",
+                 "from vision3d import Cameras, Gaussians; import vision3d; assert vision3d.Cameras is Cameras"):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
 
 
 def test_mixed_size_photos_keep_their_sizes(tmp_path):
