@@ -71,6 +71,10 @@ def run(args: Args) -> int:
     t = m["test"]
     held = (f"held-out PSNR {t['psnr']:.2f} dB, SSIM {t['ssim']:.4f} over {t['count']} views"
             if t.get("count") else "no held-out views")
+    dropped = m["images"].get("dropped") or []
+    if dropped:
+        print(f"vision3d reconstruct: warning: {len(dropped)} photo(s) not registered and left out: "
+              f"{', '.join(dropped[:10])}{' ...' if len(dropped) > 10 else ''}", file=sys.stderr)
     a = t.get("appearance")
     if a:
         held += (f"; right halves with each photo's appearance fitted on its left half: "
