@@ -42,12 +42,12 @@ def test_per_image_cameras_register_every_photo_deterministically(tmp_path):
     for res in runs[1:]:
         for a, b in zip(res.cameras, runs[0].cameras):
             torch.testing.assert_close(a.cam_to_world, b.cam_to_world, atol=0, rtol=0)
-    # each photo gets its own focal length: within 12% (median) of the truth, and the zooms ordered as they were
-    rel = torch.tensor([abs(float(a.K[0, 0, 0] / b.K[0, 0, 0]) - 1) for a, b in zip(runs[0].cameras, truth)])
-    assert float(rel.median()) < 0.12, rel
-    got = torch.tensor([float(c.K[0, 0, 0]) / max(c.width, c.height) for c in runs[0].cameras])
-    want = torch.tensor([float(c.K[0, 0, 0]) / max(c.width, c.height) for c in truth])
-    assert float(torch.corrcoef(torch.stack([got, want]))[0, 1]) > 0.8, (got, want)
+    # each photo gets its own focal length: within 12% of the truth (median), and each camera's (size and zoom)
+    # mean within 10%
+    rel = torch.tensor([float(a.K[0, 0, 0] / b.K[0, 0, 0]) - 1 for a, b in zip(runs[0].cameras, truth)])
+    assert float(rel.abs().median()) < 0.12, rel
+    for k in range(3):  # collection_cameras cycles sizes and zooms together: photo i is camera i % 3
+        assert abs(float(rel[k::3].mean())) < 0.10, rel
 
 
 @pytest.mark.slow

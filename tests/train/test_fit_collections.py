@@ -78,7 +78,7 @@ def test_batch_views_needs_one_size_and_resume_keeps_modules(collection):
     cont = fit_scene(state, imgs, cams, cfg)
     torch.testing.assert_close(cont.gaussians.means, full.gaussians.means, atol=0, rtol=0)
     torch.testing.assert_close(cont.appearance.embeds, full.appearance.embeds, atol=0, rtol=0)
-    assert len(cont.cameras) == 12 and (cont.cameras[3].width, cont.cameras[3].height) == (30, 40)
+    assert len(cont.cameras) == 12 and (cont.cameras[1].width, cont.cameras[1].height) == (30, 40)
 
 
 def replace_cfg(cfg, **kw):
