@@ -6,6 +6,12 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    """The rendered photo folder (made once for the module) and the true cameras."""
+    return _collection(tmp_path_factory.mktemp("collection") / "photos")
+
+
 def _collection(root):
     from vision3d.gaussians.procedural import collection_cameras, collection_exposures, procedural_scene
     from vision3d.render import rasterize
@@ -23,13 +29,13 @@ def _collection(root):
 
 
 @pytest.mark.slow
-def test_per_image_cameras_register_every_photo_deterministically(tmp_path):
+def test_per_image_cameras_register_every_photo_deterministically(collection, tmp_path):
     pytest.importorskip("pycolmap")
     from vision3d.data.folder import list_images, load_images
     from vision3d.poses.base import PoseInput
     from vision3d.poses.colmap import ColmapPoses
 
-    folder, truth = _collection(tmp_path / "photos")
+    folder, truth = collection
     s = load_images(list_images(folder), size_policy="keep")
     inp = PoseInput(images=s.images, names=s.names, source=folder)
     runs = []
@@ -51,14 +57,17 @@ def test_per_image_cameras_register_every_photo_deterministically(tmp_path):
 
 
 @pytest.mark.slow
-def test_partial_registration_is_refused_listing_the_dropped(tmp_path):
+def test_partial_registration_is_refused_listing_the_dropped(collection, tmp_path):
     pytest.importorskip("pycolmap")
+    import shutil
+
     from vision3d.data.folder import list_images, load_images
     from vision3d.poses.base import PoseEstimationError, PoseInput
     from vision3d.poses.colmap import ColmapPoses
     from vision3d.utils.images import save_png
 
-    folder, _ = _collection(tmp_path / "photos")
+    folder = tmp_path / "photos"
+    shutil.copytree(collection[0], folder)
     g = torch.Generator().manual_seed(0)
     for i in range(8):  # 8 photos of noise nobody can register: 14 of 22 = 64% < 70%
         save_png(folder / f"z_noise{i}.png", torch.rand(3, 120, 160, generator=g))
