@@ -134,7 +134,8 @@ def test_wildly_different_sizes(tmp_path, capsys):
 
     folder, _ = make_photo_folder(tmp_path, n=4, width=24, height=16, cameras="none")
     save_png(folder / "img_02.png", torch.rand(3, 40, 10))
-    _fails(run_args(folder, tmp_path / "run", 2, "--poses", "colmap"), capsys, "img_02.png", "aspect")
+    _fails(run_args(folder, tmp_path / "run", 2, "--poses", "colmap", "--size-policy", "error"), capsys, "img_02.png",
+           "aspect", "--size-policy keep")
 
 
 def test_video_opencv_cannot_open(tmp_path, capsys):
@@ -172,8 +173,14 @@ def test_sfm_failure_is_explained(tmp_path, capsys):
     g = torch.Generator().manual_seed(0)
     for i in range(3):
         save_png(folder / f"n{i}.png", torch.rand(3, 64, 80, generator=g))
-    err = _fails(run_args(folder, tmp_path / "run", 2, "--poses", "colmap"), capsys, "registered", "overlap")
+    out = tmp_path / "run"
+    err = _fails(run_args(folder, out, 2, "--poses", "colmap"), capsys, "registered", "overlap", "--poses vggt")
     assert "of 3 images" in err
+    assert (out / "sfm" / "colmap.log").is_file() and "E2" not in err  # COLMAP's log is in the file, not the terminal
+    # the same command again restarts the unfinished pose stage (no "folder not empty" loop), with or without --resume
+    for extra in ((), ("--resume",)):
+        err = _fails(run_args(folder, out, 2, "--poses", "colmap", *extra), capsys, "registered")
+        assert "not empty" not in err and "nothing to resume" not in err
 
 
 @pytest.mark.slow
@@ -267,3 +274,92 @@ def test_mesh_is_written(tmp_path):
     mesh = load_mesh(out / "mesh.ply")
     assert m["mesh"]["vertices"] == mesh.num_vertices > 0 and m["mesh"]["triangles"] == mesh.num_faces > 0
     assert m["mesh"]["views"] == 6 and "mesh" in m["time_s"]
+
+
+def test_invalid_input_creates_nothing_and_unreadable_listed(tmp_path, capsys):
+    folder, _ = make_photo_folder(tmp_path, n=5, width=24, height=16, cameras="transforms")
+    (folder / "img_01.png").write_bytes(b"not a png")
+    (folder / "img_03.png").write_bytes(b"nor this")
+    out = tmp_path / "run"
+    _fails(run_args(folder, out, 2), capsys, "img_01.png", "img_03.png", "--skip-unreadable")
+    assert not out.exists()
+    assert main(run_args(folder, out, 2, "--skip-unreadable", "--no-video", "--holdout-every", "0")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["images"]["registered"] == 3 and m["time_s"]["total_all_runs"] >= m["time_s"]["total"]
+
+
+def test_missing_path_is_reported_before_torch_loads(tmp_path):
+    import subprocess
+
+    code = ("import sys; from vision3d.cli import main as m; rc = m.main(['reconstruct', sys.argv[1]]); "
+            "print('torch' in sys.modules); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "nope")], capture_output=True, text=True)
+    assert r.returncode == 2 and "nope" in r.stderr and r.stdout.strip() == "False"
+
+
+def test_import_vision3d_still_registers_the_backbones_with_timm():
+    import subprocess
+
+    for code in ("import vision3d, timm; assert 'affnet' in timm.list_models('affnet*')",
+                 "import timm, vision3d; assert 'affnet' in timm.list_models('affnet*')",
+                 "from vision3d import Cameras, Gaussians; import vision3d; assert vision3d.Cameras is Cameras"):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+
+
+def test_mixed_size_photos_keep_their_sizes(tmp_path):
+    from vision3d.gaussians.procedural import collection_cameras, procedural_scene
+    from vision3d.geometry.colmap import ColmapModel, write_colmap
+    from vision3d.render import rasterize
+    from vision3d.train.reconstruct import load_run
+    from vision3d.utils.images import save_png
+
+    scene = procedural_scene(seed=3, density=0.35)
+    cams = collection_cameras(6, scene.target, arc_deg=120, sizes=((32, 24), (24, 32)))
+    folder = tmp_path / "photos"
+    names = [f"p{i}.png" for i in range(6)]
+    for n, c in zip(names, cams):
+        with torch.no_grad():
+            save_png(folder / n, rasterize(scene.gaussians, c, mode="RGB", backend="torch").colors[0].clamp(0, 1))
+    model = ColmapModel.from_cameras(cams[0], names[:1], scene.gaussians.means[:200], scene.gaussians.rgb[:200])
+    for i, (c, n) in enumerate(zip(cams[1:], names[1:]), start=2):
+        one = ColmapModel.from_cameras(c, [n])
+        cam, im = one.cameras[1], one.images[1]
+        cam.id, im.id, im.camera_id = i, i, i
+        model.cameras[i], model.images[i] = cam, im
+    write_colmap(model, folder / "sparse" / "0", binary=False)
+    out = tmp_path / "run"
+    assert main(run_args(folder, out, 3, "--holdout-every", "3", "--no-video", "--fit.appearance")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert sorted(map(tuple, m["images"]["sizes"])) == [(24, 32), (32, 24)]
+    assert "psnr_right_half_fitted" in m["test"]["appearance"]
+    images, _, got, _, _, _ = load_run(out)
+    assert isinstance(images, list) and [(c.width, c.height) for c in got] == [(c.width, c.height) for c in cams]
+    for a, b in zip(got, cams):
+        torch.testing.assert_close(a.K, b.K, atol=1e-3, rtol=0)
+
+
+def test_interrupted_pose_stage_restarts_with_the_printed_command(tmp_path, capsys, monkeypatch):
+    import vision3d.train.reconstruct as rec
+
+    folder, _ = make_photo_folder(tmp_path, n=5, width=24, height=16, cameras="transforms")
+    out = tmp_path / "run"
+    real = rec.write_posed
+
+    def interrupted(out_dir, result, progress):
+        from vision3d.utils.images import save_png
+
+        save_png(out_dir / "images" / "half_written.png", result.images[0])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rec, "write_posed", interrupted)
+    args = run_args(folder, out, 2, "--no-video", "--fit.pose-opt")
+    monkeypatch.setattr(sys, "argv", ["vision3d", *args])
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "--resume" in err and str(out) in err
+    monkeypatch.setattr(rec, "write_posed", real)
+    assert main([*args, "--resume"]) == 0  # the printed command: the pose stage starts again
+    m = json.loads((out / "metrics.json").read_text())
+    assert not (out / "images" / "half_written.png").exists() and m["images"]["registered"] == 5
+    assert m["pose_opt"]["mean_rotation_change_deg"] >= 0

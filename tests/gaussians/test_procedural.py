@@ -84,3 +84,20 @@ def test_rig_errors():
         intrinsics_from_fov(10, 10, 190)
     with pytest.raises(ValueError, match="elevation"):
         hemisphere_cameras(3, (0, 0, 0), 1.0, (60, 10))
+
+
+def test_collection_cameras_and_exposures():
+    from vision3d.gaussians.procedural import collection_cameras, collection_exposures
+
+    cams = collection_cameras(6, (0.0, 0.0, 0.3), sizes=((40, 30), (30, 40)), fovs_deg=(50.0, 40.0, 60.0))
+    assert [(c.width, c.height) for c in cams] == [(40, 30), (30, 40)] * 3
+    assert len({round(float(c.K[0, 0, 0]), 3) for c in cams}) > 2  # zooms and sizes give different focal lengths
+    for c in cams:  # every photo looks at the target
+        z = c.cam_to_world[0, :3, 2]
+        to_t = torch.tensor([0.0, 0.0, 0.3]) - c.cam_to_world[0, :3, 3]
+        assert float(torch.nn.functional.cosine_similarity(z, to_t, dim=0)) > 0.999
+    gain, off = collection_exposures(6, strength=0.3, seed=2)
+    g2, o2 = collection_exposures(6, strength=0.3, seed=2)
+    assert torch.equal(gain, g2) and torch.equal(off, o2) and gain.shape == (6, 3)
+    assert float(gain.min()) > 0.5 and float(gain.std()) > 0.01
+    assert torch.equal(collection_exposures(3, strength=0.0, tint=0.0)[0], torch.ones(3, 3))

@@ -238,7 +238,7 @@ def run_demo(args: Args) -> dict:
     from vision3d.eval.metrics import psnr, ssim
     from vision3d.geometry import Cameras
     from vision3d.poses.base import PoseResult
-    from vision3d.train.reconstruct import _write_posed
+    from vision3d.train.reconstruct import write_posed
     from vision3d.gaussians.ply import save_ply
     from vision3d.gaussians.procedural import hemisphere_cameras, orbit_cameras, procedural_scene
     from vision3d.render import rasterize
@@ -314,7 +314,7 @@ def run_demo(args: Args) -> dict:
     names = [f"train_{i:02d}.png" for i in range(args.train_views)] + [f"test_{i:02d}.png" for i in range(args.test_views)]
     posed = PoseResult(torch.cat([train_images, test_images]).cpu(), names,
                        Cameras.cat([train_cams.to("cpu"), test_cams.to("cpu")]), info={"estimator": "known (demo rig)"})
-    _write_posed(out, posed, False)
+    write_posed(out, posed, False)
     (out / "renders").mkdir(exist_ok=True)
     for i in range(pred.shape[0]):
         save_png(out / "renders" / f"test_{i:02d}.png", _side_by_side(pred[i].cpu(), test_images[i].cpu()))

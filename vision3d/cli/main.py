@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,6 +25,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("vision3d.cli.convert", "convert authors' checkpoints to vision3d's layout"),
     "gen": ("vision3d.cli.gen", "class-conditional DiT and Dense2MoE: train | convert | distill | sample"),
 }
+
+
+def plain_help(doc: str | None) -> str | None:
+    """A module docstring as terminal text: reST roles, double backticks and ``Examples::`` markers removed."""
+    if doc is None:
+        return None
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc)
+    text = text.replace("``", "")
+    text = re.sub(r"::\n", ":\n", text)
+    return re.sub(r"\n{3,}", "\n\n", text)
 
 
 def _usage() -> str:
@@ -48,12 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS or importlib.util.find_spec(COMMANDS[name][0]) is None:
         print(f"vision3d: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    if name == "reconstruct" and len(argv) > 1 and not argv[1].startswith("-"):
+        from pathlib import Path
+
+        if not Path(argv[1]).exists():  # before torch loads: a typo is reported at once
+            print(f"vision3d reconstruct: error: {argv[1]}: no such photo folder or video", file=sys.stderr)
+            return 2
     import tyro
 
     module = importlib.import_module(COMMANDS[name][0])
     if hasattr(module, "main"):  # commands with their own argument handling (presets)
         return int(module.main(argv[1:]) or 0)
-    args = tyro.cli(module.Args, args=argv[1:], prog=f"vision3d {name}", description=module.__doc__)
+    args = tyro.cli(module.Args, args=argv[1:], prog=f"vision3d {name}", description=plain_help(module.__doc__))
     return int(module.run(args) or 0)
 
 

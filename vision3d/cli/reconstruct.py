@@ -9,10 +9,17 @@ Examples::
     vision3d reconstruct photos/ --out runs/garden --mesh                # + mesh.ply (TSDF, [mesh] extra)
     vision3d reconstruct photos/ --out runs/garden --poses vggt --pose-weights vggt.pt --pose-ba
     vision3d reconstruct photos/ --out runs/garden --init ilrm_re10k --init-weights re10k.ckpt
+    vision3d reconstruct landmark/ --out runs/landmark --fit.appearance --fit.pose-opt   # internet photos
 
 The run folder holds ``scene.ply``, ``images/`` and ``cameras/`` (COLMAP text model and
 ``transforms.json``), ``renders/`` (held-out render | photo), ``metrics.json``, ``video.mp4``,
-``ckpt/`` and, with ``--mesh``, ``mesh.ply``. The pipeline is :mod:`vision3d.train.reconstruct`.
+``ckpt/``, ``run.json`` (settings and time across resumes), with ``--mesh`` ``mesh.ply``, and ``sfm/``:
+COLMAP's work folder (the images it saw, database.db, sparse/ models, undistorted/ and colmap.log,
+COLMAP's own log; often most of the folder's size; --no-keep-sfm removes it). Photos keep their own
+sizes and intrinsics. SfM is deterministic with the default --sfm-threads 1 (seeded by --seed); with
+more threads the registration may differ between runs. An interrupted or failed pose stage restarts
+when the same command is run again; after Ctrl-C during the fit, the printed command continues it.
+The pipeline is :mod:`vision3d.train.reconstruct`.
 """
 
 from __future__ import annotations
@@ -33,14 +40,23 @@ class Args(ReconstructConfig):
     """A folder of photos or a video file."""
 
 
+def _resume_command() -> str:
+    """The command line that continues this run: the same arguments plus --resume (an unfinished pose stage
+    restarts by itself, a fit continues from its checkpoint)."""
+    import shlex
+
+    argv = [a for a in sys.argv[1:] if a != "--resume"]
+    head = "vision3d" if not argv or argv[0] == "reconstruct" else "vision3d reconstruct"
+    return " ".join([head, *map(shlex.quote, argv), "--resume"])
+
+
 def run(args: Args) -> int:
     from vision3d.utils.optional import MissingDependencyError
 
     try:
         m = reconstruct(args)
     except KeyboardInterrupt:
-        print(f"\nvision3d reconstruct: interrupted; continue with the same command and --resume ({args.out})",
-              file=sys.stderr)
+        print(f"\nvision3d reconstruct: interrupted; continue with: {_resume_command()}", file=sys.stderr)
         return 130
     except MissingDependencyError as e:
         print(f"vision3d reconstruct: error: {e}", file=sys.stderr)
@@ -55,9 +71,17 @@ def run(args: Args) -> int:
     t = m["test"]
     held = (f"held-out PSNR {t['psnr']:.2f} dB, SSIM {t['ssim']:.4f} over {t['count']} views"
             if t.get("count") else "no held-out views")
+    dropped = m["images"].get("dropped") or []
+    if dropped:
+        print(f"vision3d reconstruct: warning: {len(dropped)} photo(s) not registered and left out: "
+              f"{', '.join(dropped[:10])}{' ...' if len(dropped) > 10 else ''}", file=sys.stderr)
+    a = t.get("appearance")
+    if a:
+        held += (f"; right halves with each photo's appearance fitted on its left half: "
+                 f"PSNR {a['psnr_right_half_fitted']:.2f} dB (mean appearance {a['psnr_right_half_mean_embedding']:.2f})")
     print(
         f"vision3d reconstruct: {m['images']['registered']}/{m['images']['input']} images posed "
         f"({m['poses'].get('estimator', '?')}), {m['num_gaussians']} Gaussians, {held}, "
-        f"{m['time_s']['total']:.1f} s -> {Path(args.out)}"
+        f"{m['time_s'].get('total_all_runs', m['time_s']['total']):.1f} s -> {Path(args.out)}"
     )
     return 0

@@ -16,11 +16,17 @@
   on downscaled images) are rescaled; a 90-degree mismatch (a model made from the un-rotated
   pixels) raises and suggests ``exif_transpose=False``.
 
-**Mixed sizes policy.** The reference size is the most common ``W x H`` (ties: the larger area).
-Every other image is resized to cover it and centre-cropped (pixelSplat's policy, K updated
-through :class:`~vision3d.geometry.Cameras`) **if** its aspect ratio is within ``max_aspect_diff``
-(relative, default 1%) of the reference; otherwise ``size_policy="error"`` (default) raises a
-ValueError listing the files, and ``size_policy="crop"`` crops them too (losing the borders).
+**Mixed sizes policy** (``size_policy``). ``"keep"``: every photo keeps its own size and
+intrinsics (as gsplat's COLMAP parser and nerfstudio do); ``images`` and ``cameras`` are then lists
+with one ``[3, H_i, W_i]`` image and one batch-``[1]`` camera per photo. ``"crop"`` and ``"error"``
+give one size: the reference aspect ratio is the **majority aspect** (photos grouped by aspect
+ratio within ``max_aspect_diff``, relative, default 1%; the largest group wins, ties: the larger
+area) and the reference size the most common ``W x H`` in that group. Photos of another size are
+resized to cover it and centre-cropped (pixelSplat's policy, K updated through
+:class:`~vision3d.geometry.Cameras`) when their aspect is in the group; the others raise a
+ValueError listing them (``"error"``) or are cropped too, losing their borders (``"crop"``).
+
+Unreadable files are all listed in one error; ``skip_unreadable=True`` leaves them out with a warning.
 
 Written for vision3d (Apache-2.0).
 """
@@ -31,7 +37,7 @@ import logging
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -54,6 +60,8 @@ __all__ = [
     "load_images",
     "load_video",
     "laplacian_variance",
+    "majority_size",
+    "exif_camera",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -63,14 +71,16 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 class ImageSet:
     """Images ready for a reconstructor."""
 
-    images: Tensor  # [V, 3, H, W] float32 in [0, 1]
+    images: Tensor | list[Tensor]  # [V, 3, H, W] float32 in [0, 1]; size_policy "keep": V tensors [3, H_i, W_i]
     names: list[str]  # [V] file names (videos: "frame_000123")
-    cameras: Cameras | None  # batch [V] sized W x H (K in pixels, OpenCV), or None when unknown
+    cameras: Cameras | list[Cameras] | None  # batch [V] sized W x H (K in pixels, OpenCV); "keep": V of batch [1]; None: unknown
     source: Path  # folder, video or file list origin
     frame_indices: Tensor | None = None  # [V] int64, video frame numbers
 
+    skipped: list[str] = field(default_factory=list)  # unreadable files left out (skip_unreadable=True)
+
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return len(self.names)
 
 
 def _natural_key(name: str):
@@ -133,11 +143,31 @@ def decode_image_file(path: str | os.PathLike, exif_transpose: bool = True, max_
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+def exif_camera(path: str | os.PathLike) -> tuple | None:
+    """``(width, height, make, model, focal_length)`` of a photo from its header (upright size; the EXIF fields
+    None when absent), or None when it cannot be opened; photos with equal keys come from one camera at one zoom."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            exif = im.getexif()
+            make, model = exif.get(0x010F), exif.get(0x0110)
+            focal = exif.get_ifd(0x8769).get(0x920A)
+            if exif.get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees
+                w, h = h, w
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return (w, h, str(make or "").strip() or None, str(model or "").strip() or None,
+            None if focal is None else float(focal))
+
+
 def _known_cameras(source: str | os.PathLike, where: Path) -> dict[str, Cameras]:
     """File name (lower case) -> Cameras [1] from a COLMAP model or a transforms.json."""
     src = Path(source)
     out: dict[str, Cameras] = {}
-    if src.suffix.lower() == ".json" or (src.is_dir() and (src / "transforms.json").is_file()):
+    colmap_here = src.is_dir() and any((src / f).is_file() for f in ("cameras.txt", "cameras.bin"))
+    if src.suffix.lower() == ".json" or (src.is_dir() and (src / "transforms.json").is_file() and not colmap_here):
         from vision3d.geometry.transforms_json import read_transforms_json
 
         # only the names are used: the paths may point anywhere under the folders the user named
@@ -175,10 +205,11 @@ def load_images(
     *,
     cameras: str | os.PathLike | None = None,
     image_shape: tuple[int, int] | None = None,
-    size_policy: Literal["error", "crop"] = "error",
+    size_policy: Literal["keep", "error", "crop"] = "error",
     max_aspect_diff: float = 0.01,
     exif_transpose: bool = True,
     drop_unposed: bool = False,
+    skip_unreadable: bool = False,
     resample: str = "area",
     source: str | os.PathLike | None = None,
 ) -> ImageSet:
@@ -198,20 +229,47 @@ def load_images(
         paths = [p for p in paths if p.name.lower() in known]
         if len(paths) < 2:
             raise ValueError(f"{where}: only {len(paths)} image(s) have cameras in {cameras}; need at least two")
-    imgs = [read_image(p, exif_transpose) for p in paths]
+    imgs, bad = [], []
+    for p in paths:
+        try:
+            imgs.append(read_image(p, exif_transpose))
+        except ValueError as e:
+            bad.append((p, e))
+            imgs.append(None)
+    if bad and not skip_unreadable:
+        lines = "\n".join(f"  {e}" for _, e in bad)
+        raise ValueError(f"{where}: {len(bad)} of {len(paths)} image(s) cannot be read:\n{lines}\n"
+                         "remove or fix them, or skip them (skip_unreadable=True; vision3d reconstruct: --skip-unreadable)")
+    skipped = [p.name for p, _ in bad]
+    if bad:
+        log.warning("%s: skipping %d unreadable image(s): %s", where, len(bad), ", ".join(skipped))
+        paths = [p for p, im in zip(paths, imgs) if im is not None]
+        imgs = [im for im in imgs if im is not None]
+        if len(paths) < 2:
+            raise ValueError(f"{where}: only {len(paths)} readable image(s); reconstruction needs at least two")
+    if size_policy not in ("keep", "error", "crop"):
+        raise ValueError(f"load_images: size_policy must be 'keep', 'error' or 'crop', got {size_policy!r}")
     sizes = [(int(im.shape[2]), int(im.shape[1])) for im in imgs]
-    counts = Counter(sizes)
-    ref_w, ref_h = max(counts, key=lambda s: (counts[s], s[0] * s[1]))
+    if size_policy == "keep":
+        out_imgs, out_cams = [], []
+        for p, im, (w, h) in zip(paths, imgs, sizes):
+            cam = _fit_camera(known[p.name.lower()], w, h, str(p)) if known is not None else None
+            shape = None if image_shape is None else _fit_longest(h, w, max(image_shape))
+            x, cam = resize_and_center_crop(im[None], cam, shape, resample)
+            out_imgs.append(x[0])
+            out_cams.append(cam)
+        return ImageSet(out_imgs, [p.name for p in paths], out_cams if known is not None else None, where,
+                        skipped=skipped)
+    ref_w, ref_h = majority_size(sizes, max_aspect_diff)
     ref_aspect = ref_w / ref_h
     off = [(p.name, s) for p, s in zip(paths, sizes) if abs((s[0] / s[1]) / ref_aspect - 1) > max_aspect_diff]
     if off and size_policy == "error":
         desc = ", ".join(f"{n} ({w}x{h})" for n, (w, h) in off[:5])
         raise ValueError(
-            f"{where}: image aspect ratios differ by more than {max_aspect_diff:.0%} from the most common size "
-            f"{ref_w}x{ref_h}: {desc}{' ...' if len(off) > 5 else ''}; pass size_policy='crop' to centre-crop them"
+            f"{where}: image aspect ratios differ by more than {max_aspect_diff:.0%} from the majority size "
+            f"{ref_w}x{ref_h}: {desc}{' ...' if len(off) > 5 else ''}; keep every size (size_policy='keep'; "
+            "vision3d reconstruct: --size-policy keep) or centre-crop them (size_policy='crop'; --size-policy crop)"
         )
-    if size_policy not in ("error", "crop"):
-        raise ValueError(f"load_images: size_policy must be 'error' or 'crop', got {size_policy!r}")
     out_imgs, out_cams = [], []
     for p, im, (w, h) in zip(paths, imgs, sizes):
         cam = _fit_camera(known[p.name.lower()], w, h, str(p)) if known is not None else None
@@ -221,7 +279,31 @@ def load_images(
         out_imgs.append(x[0])
         out_cams.append(cam)
     cams = Cameras.cat(out_cams, 0) if known is not None else None
-    return ImageSet(torch.stack(out_imgs), [p.name for p in paths], cams, where)
+    return ImageSet(torch.stack(out_imgs), [p.name for p in paths], cams, where, skipped=skipped)
+
+
+def _fit_longest(h: int, w: int, longest: int) -> tuple[int, int] | None:
+    """``(H', W')`` with the longest side at most ``longest`` and the aspect kept (None: no change)."""
+    if max(h, w) <= longest:
+        return None
+    f = longest / max(h, w)
+    return max(1, round(h * f)), max(1, round(w * f))
+
+
+def majority_size(sizes: Sequence[tuple[int, int]], max_aspect_diff: float = 0.01) -> tuple[int, int]:
+    """The reference ``(W, H)`` of a set of image sizes: the most common size among the photos of the
+    majority aspect ratio (aspects within ``max_aspect_diff`` of each other form a group; ties: larger area)."""
+    if not sizes:
+        raise ValueError("majority_size: no sizes given")
+    groups: list[list[tuple[int, int]]] = []
+    for s in sorted(sizes, key=lambda s: s[0] / s[1]):
+        if groups and abs((s[0] / s[1]) / (groups[-1][0][0] / groups[-1][0][1]) - 1) <= max_aspect_diff:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    best = max(groups, key=lambda g: (len(g), max(w * h for w, h in g)))
+    counts = Counter(best)
+    return max(counts, key=lambda s: (counts[s], s[0] * s[1]))
 
 
 def load_image_folder(

@@ -36,6 +36,8 @@ __all__ = [
     "intrinsics_from_fov",
     "orbit_cameras",
     "hemisphere_cameras",
+    "collection_cameras",
+    "collection_exposures",
 ]
 
 
@@ -291,3 +293,53 @@ def _spherical_rig(az, el, target, radius, width, height, fov_deg, up, near, far
     c2w = look_at(eye, target.expand_as(eye), upv).float()
     K = intrinsics_from_fov(width, height, fov_deg).expand(az.shape[0], 3, 3)
     return Cameras(K, c2w, width, height, near, far)
+
+
+# ------------------------------------------------------------------ photo collections
+def collection_cameras(
+    n: int,
+    target: Tensor | tuple[float, float, float],  # [3] world point the photos look at
+    radius: tuple[float, float] = (2.2, 2.6),  # (min, max) distance from target, spread over the views
+    arc_deg: float = 90.0,  # azimuth span of the walk around the target
+    start_deg: float = 0.0,  # azimuth of the first photo, from +x towards +y
+    elevation_range_deg: tuple[float, float] = (20.0, 32.0),
+    sizes: tuple[tuple[int, int], ...] = ((160, 120), (120, 160), (144, 108)),  # (W, H), cycled
+    fovs_deg: tuple[float, ...] = (55.0, 42.0, 62.0),  # horizontal field of view, cycled independently
+    up: tuple[float, float, float] = (0.0, 0.0, 1.0),
+) -> list[Cameras]:  # n cameras of batch [1], each its own size and K
+    """Look-at cameras of a photo collection shot with several cameras on a walk around ``target``:
+    photo ``i`` at azimuth ``start_deg + i / (n - 1) * arc_deg``, elevation and distance varying
+    smoothly within their ranges, taken at size ``sizes[i % len(sizes)]`` (landscape and portrait) with field of view
+    ``fovs_deg[i % len(fovs_deg)]`` (different zooms). Deterministic."""
+    if n < 1 or not sizes or not fovs_deg:
+        raise ValueError(f"collection_cameras: need n >= 1 and at least one size and fov, got {n}, {sizes}, {fovs_deg}")
+    t = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    az = torch.deg2rad(start_deg + arc_deg * t)
+    lo, hi = elevation_range_deg
+    el = torch.deg2rad(lo + (hi - lo) * torch.sin(math.pi * t))
+    r = radius[0] + (radius[1] - radius[0]) * 0.5 * (1 + torch.cos(2 * math.pi * t))
+    rig = _spherical_rig(az, el, target, r, 8, 8, 50.0, up, None, None)
+    out = []
+    for k in range(n):
+        w, h = sizes[k % len(sizes)]
+        K = intrinsics_from_fov(w, h, fovs_deg[k % len(fovs_deg)])[None]
+        out.append(Cameras(K, rig.cam_to_world[k : k + 1], w, h))
+    return out
+
+
+def collection_exposures(
+    n: int,
+    strength: float = 0.35,  # largest relative change of brightness; 0 gives identical lighting
+    tint: float = 0.12,  # largest relative change of one channel against the others (white balance)
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:  # gains [n, 3] > 0, offsets [n, 3]
+    """Per-photo colour changes of a collection shot at different times and exposures: photo ``i`` is
+    ``clamp(gain[i] * render + offset[i], 0, 1)`` per channel (exposure, white balance and a black-level
+    lift). Deterministic given ``seed``."""
+    if strength < 0 or tint < 0 or strength >= 1:
+        raise ValueError(f"collection_exposures: need 0 <= strength < 1 and tint >= 0, got {strength}, {tint}")
+    g = torch.Generator().manual_seed(int(seed))
+    exposure = 1 + strength * (2 * torch.rand(n, 1, generator=g) - 1)
+    wb = 1 + tint * (2 * torch.rand(n, 3, generator=g) - 1)
+    offset = 0.05 * strength * (2 * torch.rand(n, 1, generator=g) - 1).expand(n, 3)
+    return exposure * wb, offset.clone()

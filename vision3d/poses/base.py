@@ -40,19 +40,24 @@ class PoseEstimationError(ValueError):
 class PoseInput:
     """What an estimator receives: the loaded images and what is known about them."""
 
-    images: Tensor  # [V, 3, H, W] float32 in [0, 1], one size (the input size policy already applied)
+    images: Tensor | list[Tensor]  # [V, 3, H, W] float32 in [0, 1], or V tensors [3, H_i, W_i] (per-image sizes)
     names: list[str]  # [V] file names (videos: "frame_000123"), unique
     source: Path  # the photo folder or the video they came from
-    cameras: Cameras | None = None  # batch [V] known cameras sized W x H (OpenCV, K in pixels), or None
+    cameras: Cameras | list[Cameras] | None = None  # batch [V] known cameras sized W x H (OpenCV, K in pixels),
+    # V cameras of batch [1] with per-image sizes, or None
     is_video: bool = False  # frames of one video, in temporal order (sequential matching applies)
     points: Tensor | None = None  # [P, 3] world, known sparse points that go with ``cameras``
     colors: Tensor | None = None  # [P, 3] float in [0, 1]
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4 or self.images.shape[1] != 3:
+        if isinstance(self.images, (list, tuple)):
+            bad = [i for i, im in enumerate(self.images) if im.ndim != 3 or im.shape[0] != 3]
+            if bad:
+                raise ValueError(f"{self.source}: images must be [3, H, W] each, got {tuple(self.images[bad[0]].shape)}")
+        elif self.images.ndim != 4 or self.images.shape[1] != 3:
             raise ValueError(f"{self.source}: images must be [V, 3, H, W], got {tuple(self.images.shape)}")
-        if len(self.names) != self.images.shape[0]:
-            raise ValueError(f"{self.source}: {len(self.names)} names for {self.images.shape[0]} images")
+        if len(self.names) != len(self.images):
+            raise ValueError(f"{self.source}: {len(self.names)} names for {len(self.images)} images")
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"{self.source}: image names must be unique")
 
@@ -61,14 +66,26 @@ class PoseInput:
 class PoseResult:
     """Posed images, ready for a Gaussian fit: pinhole cameras matching ``images``."""
 
-    images: Tensor  # [R, 3, H', W'] float32 in [0, 1] (undistorted when the estimator undistorts)
+    images: Tensor | list[Tensor]  # [R, 3, H', W'] float32 in [0, 1] (undistorted when the estimator undistorts),
+    # or R tensors [3, H_i, W_i] (per-image sizes)
     names: list[str]  # [R] names of the registered images, a subset of the input's, in input order
-    cameras: Cameras  # batch [R] pinhole, sized W' x H', OpenCV cam_to_world, K in pixels
+    cameras: Cameras | list[Cameras]  # batch [R] pinhole sized W' x H' (OpenCV cam_to_world, K in pixels), or R of batch [1]
     points: Tensor | None = None  # [P, 3] world sparse points (SfM), or None
     colors: Tensor | None = None  # [P, 3] float in [0, 1], colours of ``points``
     info: dict = field(default_factory=dict)  # estimator-specific facts (time, registered count...)
 
     def __post_init__(self) -> None:
+        if isinstance(self.images, (list, tuple)) or isinstance(self.cameras, (list, tuple)):
+            if not (isinstance(self.images, (list, tuple)) and isinstance(self.cameras, (list, tuple))):
+                raise ValueError("PoseResult: per-image images and cameras go together (two lists)")
+            if not len(self.images) == len(self.names) == len(self.cameras):
+                raise ValueError(f"PoseResult: {len(self.images)} images, {len(self.names)} names and "
+                                 f"{len(self.cameras)} cameras must agree")
+            for n, im, c in zip(self.names, self.images, self.cameras):
+                c.check_images(im[None], f"PoseResult: {n}")
+            if (self.points is None) != (self.colors is None):
+                raise ValueError("PoseResult: points and colors go together")
+            return
         r = self.images.shape[0]
         if len(self.names) != r or tuple(self.cameras.batch_shape) != (r,):
             raise ValueError(

@@ -155,7 +155,8 @@ def extract_sift(
     files: Sequence[str],  # [V] names relative to image_dir, as stored in the database
     *,
     camera_model: str,
-    single_camera: bool,
+    single_camera: bool = False,
+    camera_mode: str | None = None,  # "single", "per-folder" or "per-image"; overrides single_camera
     max_num_features: int = 8192,
     num_threads: int = -1,
 ) -> None:
@@ -166,7 +167,13 @@ def extract_sift(
     extraction.use_gpu = False
     extraction.num_threads = num_threads
     extraction.sift.max_num_features = max_num_features
-    mode = pycolmap.CameraMode.SINGLE if single_camera else pycolmap.CameraMode.PER_IMAGE
+    if camera_mode is None:
+        camera_mode = "single" if single_camera else "per-image"
+    modes = {"single": pycolmap.CameraMode.SINGLE, "per-folder": pycolmap.CameraMode.PER_FOLDER,
+             "per-image": pycolmap.CameraMode.PER_IMAGE}
+    if camera_mode not in modes:
+        raise ValueError(f"extract_sift: camera_mode must be one of {', '.join(modes)}, got {camera_mode!r}")
+    mode = modes[camera_mode]
     pycolmap.extract_features(
         database, image_dir, image_names=list(files), camera_mode=mode, reader_options=reader,
         extraction_options=extraction, device=pycolmap.Device.cpu,

@@ -2,8 +2,9 @@
 
 The library side of ``vision3d reconstruct``. Stages:
 
-1. **Input** (:mod:`vision3d.data.folder`): an image folder (EXIF orientation, the mixed-size
-   policy) or a video (evenly spread frames, the sharpest per window); optional known cameras
+1. **Input** (:mod:`vision3d.data.folder`): an image folder (EXIF orientation; every photo keeps its
+   own size and intrinsics by default, as gsplat's COLMAP parser and nerfstudio do, so mixed sizes
+   travel as lists through every stage; unreadable files are listed at once) or a video (evenly spread frames, the sharpest per window); optional known cameras
    (``--cameras``, or ``transforms.json`` / ``sparse/0`` / ``cameras.txt`` found beside the photos);
    downscaled so the longest side is at most ``pose_max_size`` for pose estimation, then to ``max_size``.
 2. **Poses** (:mod:`vision3d.poses`): a registered pose estimator (``known``, ``colmap``...). Its
@@ -20,11 +21,23 @@ The library side of ``vision3d reconstruct``. Stages:
    view order and RNG states; ``ckpt/scene.ply``, its Gaussians) every ``ckpt_every`` steps, after the
    last step and on Ctrl-C; ``resume`` continues exactly (bit-identical to an uninterrupted run on the
    CPU) and refuses a config that would change the result.
+   With ``fit.appearance`` each training photo gets an appearance embedding
+   (:class:`~vision3d.train.scene_fit.AppearanceModel`), ``scene.ply`` holds the Gaussians with
+   the mean embedding's colour transform baked in, and the held-out photos are also scored by the
+   protocol of collections with varying appearance (embedding fitted on the left half, PSNR/SSIM
+   of the right half; NeRF-W, Martin-Brualla et al., CVPR 2021, arXiv 2008.02268), beside the plain
+   metric; ``fit.pose_opt`` refines the training cameras (gsplat's ``pose_opt``).
 5. **Outputs** (every file written atomically): ``scene.ply`` (INRIA layout), ``renders/<name>.png``
    (held-out render | photo), ``metrics.json``, ``video.mp4`` along a smooth path through the
    cameras (:func:`vision3d.poses.path.smooth_camera_path`), and with ``mesh`` a TSDF fusion of the
    rendered depth with open3d (Zhou, Park, Koltun, "Open3D", arXiv 1801.09847; MIT) saved as
    ``mesh.ply``.
+
+**Run folder life cycle.** ``run.json`` marks the folder as ours and keeps the time of earlier,
+interrupted runs (the summary's total covers all of them). A pose stage that did not finish
+(Ctrl-C, a failed SfM: no ``cameras/poses.json``) is started again by the same command, with or
+without ``--resume``; after the pose stage ``--resume`` continues the fit from ``ckpt/state.pt``.
+Invalid input leaves no run folder behind.
 
 Written for vision3d (Apache-2.0).
 """
@@ -35,6 +48,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -92,8 +106,7 @@ class ReconstructConfig:
     """Run folder to write (refused if it is not empty, unless --resume or --overwrite)."""
 
     poses: str = "colmap"
-    """Pose estimator: colmap (incremental SfM with pycolmap, the [sfm] extra), known (given cameras), or a
-    feed-forward network: vggt | flashvggt (needs --pose-weights)."""
+    """Pose estimator: colmap (incremental SfM with pycolmap, the [sfm] extra), known (given cameras), or a feed-forward network: vggt | flashvggt (needs --pose-weights)."""
 
     pose_weights: Path | None = None
     """--poses vggt|flashvggt: the model weights (the authors' checkpoint or a `vision3d convert` output)."""
@@ -101,17 +114,32 @@ class ReconstructConfig:
     cameras: Path | None = None
     """Known cameras: a COLMAP model folder or a transforms.json (default: looked for beside the photos)."""
 
-    sfm_threads: int = -1
-    """--poses colmap: CPU threads of feature extraction, matching and mapping (-1: all; 1 is deterministic)."""
+    sfm_threads: int = 1
+    """--poses colmap: CPU threads of feature extraction, matching and mapping. 1 (default): the same command registers the same photos every run (COLMAP is seeded with --seed); -1 uses every core, faster, but multi-threaded mapping may register a different set from run to run."""
+
+    camera_mode: Literal["auto", "single", "per-folder", "per-image"] = "auto"
+    """--poses colmap: which photos share one camera (intrinsics). auto: single when every photo has the same size and the same EXIF camera and focal length (a walk with one camera, a video, frames without EXIF), else per-image (internet photos, several cameras or zooms)."""
+
+    min_registered_fraction: float = 0.6
+    """--poses colmap: refuse the run (listing the photos left out) when SfM registers fewer than this share of the photos."""
+
+    allow_partial: bool = False
+    """--poses colmap: continue with the registered photos even when fewer than --min-registered-fraction register."""
+
+    keep_sfm: bool = True
+    """Keep sfm/ (COLMAP's work folder: the images it saw, database.db, sparse/ models, undistorted/, colmap.log; often most of the run folder's size); --no-keep-sfm deletes it once the poses are in images/ and cameras/."""
+
+    verbose: bool = False
+    """Show COLMAP's own log on the terminal (otherwise it is written to sfm/colmap.log)."""
+
+    skip_unreadable: bool = False
+    """Leave out photos that cannot be decoded (they are listed) instead of stopping."""
 
     pose_ba: bool = False
-    """--poses vggt|flashvggt: refine the predicted cameras by bundle adjustment on SIFT matches (pycolmap, the [sfm]
-    extra), as VGGT's demo does."""
+    """--poses vggt|flashvggt: refine the predicted cameras by bundle adjustment on SIFT matches (pycolmap, the [sfm] extra), as VGGT's demo does."""
 
     init: str = "sfm"
-    """Initial Gaussians: sfm (on the SfM / known sparse points; random when there are none), random, or a
-    feed-forward reconstructor whose output is Gaussians (ilrm_re10k, ilrm_dl3dv, ilrm_dl3dv_wide; needs
-    --init-weights)."""
+    """Initial Gaussians: sfm (on the SfM / known sparse points; random when there are none), random, or a feed-forward reconstructor whose output is Gaussians (ilrm_re10k, ilrm_dl3dv, ilrm_dl3dv_wide; needs --init-weights)."""
 
     init_weights: Path | None = None
     """--init <reconstructor>: its weights (the authors' checkpoint or a `vision3d convert` output)."""
@@ -129,11 +157,10 @@ class ReconstructConfig:
     """Downscale so the longest image side is at most this (None: 1600 on a GPU, 320 on the CPU)."""
 
     pose_max_size: int = 1024
-    """Longest image side for pose estimation (SfM features); the posed images are then downscaled to --max-size
-    for the fit. SIFT on 320-px images registers far fewer photos (kitchen: 10/25 at 318 px)."""
+    """Longest image side for pose estimation (SfM features); the posed images are then downscaled to --max-size for the fit. SIFT on 320-px images registers far fewer photos (kitchen: 10/25 at 318 px)."""
 
-    size_policy: Literal["error", "crop"] = "error"
-    """Photos whose aspect ratio differs from the most common one: error, or centre-crop them."""
+    size_policy: Literal["keep", "crop", "error"] = "keep"
+    """Photos of different sizes: keep (each keeps its own size and intrinsics through SfM, fitting, evaluation and export), crop (centre-crop every photo to the size of the majority aspect ratio), or error."""
 
     video_frames: int = 48
     """Frames taken from a video (spread evenly)."""
@@ -151,12 +178,10 @@ class ReconstructConfig:
     """Opacity of every initial Gaussian."""
 
     ckpt_every: int = 500
-    """Steps between checkpoints (ckpt/state.pt: the whole fit state; ckpt/scene.ply: its Gaussians); one is also
-    written after the last step and on Ctrl-C."""
+    """Steps between checkpoints (ckpt/state.pt: the whole fit state; ckpt/scene.ply: its Gaussians); one is also written after the last step and on Ctrl-C."""
 
     resume: bool = False
-    """Continue an interrupted run in --out from its images/, cameras/ and ckpt/state.pt, exactly as if it had not
-    stopped; refused when a setting that changes the result differs (the outputs' settings may change)."""
+    """Continue an interrupted run in --out from its images/, cameras/ and ckpt/state.pt, exactly as if it had not stopped; refused when a setting that changes the result differs (the outputs' settings may change)."""
 
     overwrite: bool = False
     """Write into a non-empty --out, replacing files of the same names."""
@@ -196,8 +221,7 @@ class ReconstructConfig:
     """Port of the --view viewer (on 127.0.0.1; 0 picks a free one)."""
 
     fit: SceneFitConfig = field(default_factory=_default_fit)
-    """Refinement settings (fit.steps and fit.seed come from --steps and --seed). Default: the 3DGS loss, gsplat's
-    DefaultStrategy refining every 100 steps from step 200 (mcmc needs a GPU)."""
+    """Refinement settings (fit.steps and fit.seed come from --steps and --seed). Default: the 3DGS loss, gsplat's DefaultStrategy refining every 100 steps from step 200 (mcmc needs a GPU)."""
 
 
 # ------------------------------------------------------------------ input
@@ -223,7 +247,6 @@ def _is_video(path: Path) -> bool:
 def load_input(cfg: ReconstructConfig, max_size: int | None, with_cameras: bool):
     """The input as a :class:`~vision3d.poses.base.PoseInput` (images downscaled to ``max_size``)."""
     from vision3d.data.folder import IMAGE_EXTENSIONS, list_images, load_images, load_video
-    from vision3d.data.preprocess import resize_and_center_crop
     from vision3d.poses.base import PoseInput
 
     src = Path(cfg.input)
@@ -245,6 +268,9 @@ def load_input(cfg: ReconstructConfig, max_size: int | None, with_cameras: bool)
         except ValueError as e:
             raise ValueError(f"{e}. Re-encode it (e.g. ffmpeg -i {src.name} -c:v libx264 out.mp4) or extract the "
                              "frames into a folder and pass the folder") from e
+        if len(s.names) < cfg.video_frames:
+            log.warning("%s: %d distinct frames decoded, fewer than --video-frames %d", src, len(s.names),
+                        cfg.video_frames)
         is_video, cams = True, None
     else:
         files = list_images(src)
@@ -263,7 +289,8 @@ def load_input(cfg: ReconstructConfig, max_size: int | None, with_cameras: bool)
                 )
             if not cam_path.exists():
                 raise FileNotFoundError(f"{cam_path}: --cameras not found")
-        s = load_images(files, cameras=cam_path, size_policy=cfg.size_policy, source=src)
+        s = load_images(files, cameras=cam_path, size_policy=cfg.size_policy, source=src,
+                        skip_unreadable=cfg.skip_unreadable)
         is_video, cams = False, s.cameras
         if cam_path is not None and cam_path.suffix.lower() != ".json":
             from vision3d.geometry.colmap import read_colmap
@@ -272,12 +299,7 @@ def load_input(cfg: ReconstructConfig, max_size: int | None, with_cameras: bool)
             model = read_colmap(cam_path)
             if model.points3D:
                 points, colors = model.points_xyz().float(), float_colors(model.points_rgb())
-    images = s.images
-    h, w = images.shape[-2:]
-    if max_size is not None and max(h, w) > max_size:
-        f = max_size / max(h, w)
-        nh, nw = max(1, round(h * f)), max(1, round(w * f))
-        images, cams = resize_and_center_crop(images, cams, (nh, nw), "area")
+    images, cams = _cap_size(s.images, cams, max_size)
     names = list(s.names)
     if len(names) < MIN_IMAGES:
         raise ValueError(f"{src}: only {len(names)} usable image(s); reconstruction needs at least {MIN_IMAGES}")
@@ -316,8 +338,8 @@ def look_target(cameras: Cameras) -> Tensor:  # -> [3] world
 
 
 def random_init(
-    cameras: Cameras,  # [V] training cameras
-    images: Tensor,  # [V, 3, H, W] in [0, 1]
+    cameras: Cameras | list[Cameras],  # [V] training cameras (or V of batch [1])
+    images: Tensor | list[Tensor],  # [V, 3, H, W] in [0, 1] (or V of [3, H_i, W_i])
     num: int,
     opacity: float,
     generator: torch.Generator,
@@ -326,10 +348,14 @@ def random_init(
     """``num`` Gaussians uniform in a cube around :func:`look_target` (half-size: the camera scene scale)."""
     from vision3d.train.scene_fit import camera_scene_scale, gaussians_from_points
 
+    cameras = _common_size_cameras(cameras)
     centre = look_target(cameras).float()
     half = camera_scene_scale(cameras)
     pts = centre + (torch.rand(num, 3, generator=generator) * 2 - 1) * half
-    mean_rgb = images.mean(dim=(0, 2, 3))
+    if isinstance(images, (list, tuple)):
+        mean_rgb = torch.stack([im.mean(dim=(1, 2)) for im in images]).mean(0)
+    else:
+        mean_rgb = images.mean(dim=(0, 2, 3))
     rgb = (mean_rgb + 0.1 * (torch.rand(num, 3, generator=generator) - 0.5)).clamp(0, 1)
     return gaussians_from_points(pts, rgb, opacity=opacity, sh_degree=sh_degree)
 
@@ -337,18 +363,52 @@ def random_init(
 # ------------------------------------------------------------------ run folder
 def _downscale_result(result, max_size: int | None):
     """The pose result with its images (and cameras) downscaled so the longest side is at most ``max_size``."""
-    from vision3d.data.preprocess import resize_and_center_crop
-
-    h, w = result.images.shape[-2:]
-    if max_size is None or max(h, w) <= max_size:
-        return result
-    f = max_size / max(h, w)
-    images, cams = resize_and_center_crop(result.images, result.cameras, (max(1, round(h * f)), max(1, round(w * f))),
-                                          "area")
+    images, cams = _cap_size(result.images, result.cameras, max_size)
     return replace(result, images=images, cameras=cams)
 
 
-def _write_posed(out: Path, result, progress: bool) -> None:
+def _cap_size(images, cameras, max_size: int | None):
+    """Images (``[V, 3, H, W]`` or a list of ``[3, H_i, W_i]``) and their cameras (or None) downscaled so
+    each longest side is at most ``max_size``, aspect kept."""
+    from vision3d.data.preprocess import resize_and_center_crop
+
+    def one(x, cam):  # [V, 3, H, W]
+        h, w = x.shape[-2:]
+        if max_size is None or max(h, w) <= max_size:
+            return x, cam
+        f = max_size / max(h, w)
+        return resize_and_center_crop(x, cam, (max(1, round(h * f)), max(1, round(w * f))), "area")
+
+    if not isinstance(images, (list, tuple)):
+        return one(images, cameras)
+    out = [one(im[None], None if cameras is None else cameras[i]) for i, im in enumerate(images)]
+    return [x[0] for x, _ in out], None if cameras is None else [c for _, c in out]
+
+
+def _stack_if_uniform(images, cameras):
+    """Lists of one size become ``[V, 3, H, W]`` and a batch-``[V]`` Cameras; mixed sizes stay lists."""
+    if not isinstance(images, (list, tuple)):
+        return images, cameras
+    if len({tuple(im.shape) for im in images}) == 1:
+        return torch.stack(list(images)), Cameras.cat(list(cameras), 0)
+    return list(images), list(cameras)
+
+
+def _common_size_cameras(cameras) -> Cameras:
+    """A batch-``[V]`` Cameras of the views' poses at one size (the first view's), for the video path and the mesh."""
+    if isinstance(cameras, Cameras):
+        return cameras
+    w, h = cameras[0].width, cameras[0].height
+    return Cameras.cat([c.resize_and_center_crop(w, h) for c in cameras], 0)
+
+
+def _views(images, cameras, idx: list[int]):
+    if isinstance(images, (list, tuple)):
+        return [images[i] for i in idx], [cameras[i] for i in idx]
+    return images[idx], cameras[torch.tensor(idx, dtype=torch.long)]
+
+
+def write_posed(out: Path, result, progress: bool) -> None:
     from vision3d.geometry.colmap import ColmapModel, write_colmap
     from vision3d.geometry.transforms_json import write_transforms_json
     from vision3d.poses.colmap import sfm_file_names
@@ -358,16 +418,28 @@ def _write_posed(out: Path, result, progress: bool) -> None:
     files = sfm_file_names(result.names)
     for f, im in zip(files, result.images):
         save_png(out / "images" / f, im)
-    model = ColmapModel.from_cameras(result.cameras, files, result.points, result.colors)
+    if isinstance(result.cameras, Cameras):
+        model = ColmapModel.from_cameras(result.cameras, files, result.points, result.colors)
+        write_transforms_json(out / "cameras" / "transforms.json", result.cameras, [f"../images/{f}" for f in files])
+    else:  # per-photo sizes: one COLMAP camera per photo; transforms.json with per-frame w/h (nerfstudio reads it)
+        model = ColmapModel.from_cameras(result.cameras[0], files[:1], result.points, result.colors)
+        for i, (c, f) in enumerate(zip(result.cameras[1:], files[1:]), start=2):
+            one = ColmapModel.from_cameras(c, [f])
+            cam, im = one.cameras[1], one.images[1]
+            cam.id, im.id, im.camera_id = i, i, i
+            model.cameras[i], model.images[i] = cam, im
+        common = Cameras(torch.cat([c.K for c in result.cameras]), torch.cat([c.cam_to_world for c in result.cameras]),
+                         result.cameras[0].width, result.cameras[0].height)
+        write_transforms_json(out / "cameras" / "transforms.json", common, [f"../images/{f}" for f in files],
+                              frame_extra=[{"w": c.width, "h": c.height} for c in result.cameras])
     write_colmap(model, out / "cameras", binary=False)
-    write_transforms_json(out / "cameras" / "transforms.json", result.cameras, [f"../images/{f}" for f in files])
     write_text_atomic(out / "cameras" / "poses.json",
                       json.dumps({"names": result.names, "files": files, "info": result.info}, indent=2, default=str))
 
 
 def load_run(run: str | os.PathLike):
     """``(images [V, 3, H, W], files [V], cameras [V], points [P, 3] or None, colors [P, 3] or None, info)``
-    of a run folder's ``images/`` and ``cameras/``."""
+    of a run folder's ``images/`` and ``cameras/`` (per-photo sizes: images and cameras are lists, one each)."""
     from vision3d.data.folder import load_images
     from vision3d.geometry.colmap import read_colmap
     from vision3d.poses.base import float_colors
@@ -378,12 +450,13 @@ def load_run(run: str | os.PathLike):
         raise FileNotFoundError(f"{meta_path}: not found; {run} is not a finished pose stage of vision3d reconstruct")
     meta = json.loads(meta_path.read_text())
     files = meta["files"]
-    s = load_images([run / "images" / f for f in files], cameras=run / "cameras" / "transforms.json", source=run)
+    s = load_images([run / "images" / f for f in files], cameras=run / "cameras", source=run, size_policy="keep")
+    images, cams = _stack_if_uniform(s.images, s.cameras)
     model = read_colmap(run / "cameras")
     pts = cols = None
     if model.points3D:
         pts, cols = model.points_xyz().float(), float_colors(model.points_rgb())
-    return s.images, files, s.cameras, pts, cols, meta.get("info", {})
+    return images, files, cams, pts, cols, meta.get("info", {})
 
 
 def _side_by_side(pred: Tensor, gt: Tensor) -> Tensor:  # [3, H, W] x2 -> [3, H, 2W + 2]
@@ -446,6 +519,7 @@ def _load_fit_checkpoint(ckpt_dir: Path, run_cfg: ReconstructConfig):
 
 
 # ------------------------------------------------------------------ the pipeline
+_RUN_FILE = "run.json"  # marks a run folder of ours; holds the time spent by earlier (interrupted) runs
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -461,13 +535,122 @@ def _check_out(cfg: ReconstructConfig) -> Path:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: exists and is a file; expected a run folder")
-    if cfg.resume:
-        if not (out / "cameras" / "poses.json").is_file() and out.is_dir() and any(out.iterdir()):
-            raise ValueError(f"{out}: nothing to resume (no cameras/poses.json); run without --resume and --overwrite")
-    elif out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise FileExistsError(f"{out}: run folder exists and is not empty; pass --resume to continue it, "
-                              "--overwrite to replace it, or choose another --out")
+    ours = (out / _RUN_FILE).is_file()
+    posed = (out / "cameras" / "poses.json").is_file()
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        if ours and not posed:  # an interrupted or failed pose stage: start it again, with or without --resume
+            log.warning("%s: the pose stage did not finish last time; starting it again", out)
+            for d in ("sfm", "images", "cameras"):
+                shutil.rmtree(out / d, ignore_errors=True)
+        elif not cfg.resume:
+            raise FileExistsError(f"{out}: run folder exists and is not empty; add --resume to continue it, "
+                                  "--overwrite to replace it, or choose another --out")
+        elif not posed:
+            raise FileExistsError(f"{out}: not a vision3d reconstruct run folder (no {_RUN_FILE}); choose another "
+                                  "--out, or add --overwrite to write into it")
     return check_writable_dir(out)
+
+
+def _pose_stage(cfg: ReconstructConfig, out: Path, dev: torch.device, max_size: int) -> None:
+    """Stages 1-2: load the input, estimate the poses, write ``images/`` and ``cameras/`` (``poses.json`` last)."""
+    from vision3d.poses.base import create_pose_estimator
+
+    kw: dict = {}
+    if cfg.poses == "colmap":
+        kw = {"seed": cfg.seed, "num_threads": cfg.sfm_threads, "camera_mode": _camera_mode(cfg),
+              "min_registered_fraction": cfg.min_registered_fraction, "allow_partial": cfg.allow_partial,
+              "verbose": cfg.verbose, "progress": cfg.progress}
+    elif cfg.poses in ("vggt", "flashvggt"):
+        kw = {"weights": cfg.pose_weights, "device": dev}
+        if cfg.pose_ba:
+            kw.update(bundle_adjust=True,
+                      ba_options={"num_threads": cfg.sfm_threads, "seed": cfg.seed, "progress": cfg.progress})
+    estimator = create_pose_estimator(cfg.poses, **kw)
+    pose_size = max_size if cfg.poses == "known" else max(max_size, cfg.pose_max_size)
+    load_cfg = cfg
+    if cfg.poses not in ("colmap", "known") and cfg.size_policy == "keep":  # a network takes one size
+        load_cfg = replace(cfg, size_policy="crop")
+    inputs = load_input(load_cfg, pose_size, with_cameras=estimator.needs_known_cameras)
+    result = _downscale_result(estimator.estimate(inputs, out / "sfm"), max_size)
+    result.info.setdefault("input_images", len(inputs.names))
+    write_posed(out, result, cfg.progress)
+
+
+def _camera_mode(cfg: ReconstructConfig) -> str:
+    """--camera-mode auto: single when every photo has one size and the same EXIF camera and focal length (or
+    none of them has EXIF, as frames extracted from one video), else per-image."""
+    if cfg.camera_mode != "auto":
+        return cfg.camera_mode
+    src = Path(cfg.input)
+    if src.is_file():
+        return "single"  # one video, one camera
+    from vision3d.data.folder import exif_camera, list_images
+
+    keys = {exif_camera(p) for p in list_images(src)}
+    return "single" if len(keys) == 1 and None not in keys else "per-image"  # e.g. frames of one video
+
+
+def _progress(it, enabled: bool, desc: str):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, unit="view" if desc == "eval" else "frame", dynamic_ncols=True, leave=False)
+
+
+def _evaluate(cfg, out: Path, fitted, app, test_imgs, test_cams, names: list[str], bg: Tensor, backend: str):
+    """Held-out metrics and ``renders/<name>.png`` (render | photo). With an appearance model the renders use the
+    mean training embedding, and the collection protocol (NeRF-W) is reported beside: each held-out photo's
+    embedding is fitted on its left half and PSNR/SSIM scored on its right half, with and without that fit."""
+    from vision3d.eval.metrics import Metrics, psnr, ssim
+    from vision3d.train.scene_fit import fit_view_appearance
+    from vision3d.utils.images import save_png
+
+    metrics_obj = Metrics(lpips_net="vgg" if cfg.lpips else None, require_lpips="auto")
+    per_view, halves = [], {"fitted": [], "mean": []}
+    for j in _progress(range(len(names)), cfg.progress, "eval"):
+        im, cam = _views(test_imgs, test_cams, [j])
+        cam = cam[0] if isinstance(cam, list) else cam
+        gt = (im[0][None] if isinstance(im, list) else im).to(bg.device)
+        with torch.no_grad():
+            raw = rasterize_view(fitted, cam, bg, backend)
+            pred = raw if app is None else app.apply(raw, app.mean_code()[None])
+        pred = pred.clamp(0, 1)
+        m = metrics_obj(pred.cpu(), gt.cpu())
+        w = gt.shape[-1] // 2
+        entry = {"image": names[j], **m, "psnr_right_half": float(psnr(pred[..., w:], gt[..., w:]))}
+        if app is not None:
+            mask = torch.zeros(gt.shape[-2:], dtype=torch.bool, device=gt.device)
+            mask[:, :w] = True
+            with torch.enable_grad():
+                code = fit_view_appearance(app, raw[0], gt[0], mask)
+            with torch.no_grad():
+                fit_pred = app.apply(raw, code[None]).clamp(0, 1)
+            for key, p in (("fitted", fit_pred), ("mean", pred)):
+                halves[key].append((float(psnr(p[..., w:], gt[..., w:])), float(ssim(p[..., w:], gt[..., w:]).mean())))
+            entry["psnr_right_half_fitted_appearance"] = halves["fitted"][-1][0]
+        per_view.append(entry)
+        save_png(out / "renders" / f"{Path(names[j]).stem}.png", _side_by_side(pred[0].cpu(), gt[0].cpu()))
+    app_metrics = None
+    if app is not None and names:
+        n = len(names)
+        app_metrics = {
+            "protocol": "appearance embedding fitted on the left half of each held-out photo, scored on the right half",
+            "psnr_right_half_fitted": sum(p for p, _ in halves["fitted"]) / n,
+            "ssim_right_half_fitted": sum(q for _, q in halves["fitted"]) / n,
+            "psnr_right_half_mean_embedding": sum(p for p, _ in halves["mean"]) / n,
+            "ssim_right_half_mean_embedding": sum(q for _, q in halves["mean"]) / n,
+        }
+    summary = metrics_obj.compute()
+    if per_view:
+        summary["psnr_right_half"] = sum(v["psnr_right_half"] for v in per_view) / len(per_view)
+    return summary, per_view, app_metrics
+
+
+def rasterize_view(g, cam: Cameras, bg: Tensor, backend: str) -> Tensor:  # -> [1, 3, H, W]
+    from vision3d.render import rasterize
+
+    return rasterize(g, cam.to(bg.device), background=bg, mode="RGB", backend=backend).colors
 
 
 def reconstruct(cfg: ReconstructConfig) -> dict:
@@ -475,15 +658,13 @@ def reconstruct(cfg: ReconstructConfig) -> dict:
 
     Raises ``KeyboardInterrupt`` after writing a checkpoint when interrupted during the fit.
     """
-    from vision3d.eval.metrics import Metrics, psnr
+    from vision3d.eval.metrics import psnr
     from vision3d.gaussians.ply import save_ply
     from vision3d.mesh.tsdf import tsdf_mesh
-    from vision3d.poses.base import create_pose_estimator
     from vision3d.poses.path import smooth_camera_path
     from vision3d.render import rasterize
     from vision3d.train.config import to_dict
     from vision3d.train.scene_fit import camera_scene_scale, fit_scene, gaussians_from_points
-    from vision3d.utils.images import save_png
     from vision3d.utils.io import write_text_atomic
     from vision3d.utils.optional import require
     from vision3d.utils.video import write_video
@@ -508,40 +689,49 @@ def reconstruct(cfg: ReconstructConfig) -> dict:
         from vision3d.train.recon_init import check_init
 
         check_init(cfg.init, cfg.init_weights)  # before the (long) pose stage
+    src = Path(cfg.input)
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such photo folder or video")
+    created = not Path(cfg.out).exists()
     out = _check_out(cfg)
+    run_file = out / _RUN_FILE
+    before = json.loads(run_file.read_text()).get("time_s_before", 0.0) if run_file.is_file() else 0.0
+
+    def record_time() -> None:  # the time so far, for the total across resumes (after a pose stage, each checkpoint)
+        if out.is_dir():
+            write_text_atomic(run_file, json.dumps({"time_s_before": before + time.perf_counter() - t_start,
+                                                    "config": to_plain(asdict(cfg))}, default=str))
+
+    record_time()
     times: dict[str, float] = {}
 
     # 1-2. input and poses (or the run folder's, when resuming)
     t0 = time.perf_counter()
     posed_here = (out / "cameras" / "poses.json").is_file()
     if not (cfg.resume and posed_here):
-        kw: dict = {}
-        if cfg.poses == "colmap":
-            kw = {"seed": cfg.seed, "num_threads": cfg.sfm_threads}
-        elif cfg.poses in ("vggt", "flashvggt"):
-            kw = {"weights": cfg.pose_weights, "device": dev}
-            if cfg.pose_ba:
-                kw.update(bundle_adjust=True,
-                          ba_options={"num_threads": cfg.sfm_threads, "seed": cfg.seed, "progress": cfg.progress})
-        estimator = create_pose_estimator(cfg.poses, **kw)
-        pose_size = max_size if cfg.poses == "known" else max(max_size, cfg.pose_max_size)
-        inputs = load_input(cfg, pose_size, with_cameras=estimator.needs_known_cameras)
-        result = _downscale_result(estimator.estimate(inputs, out / "sfm"), max_size)
-        result.info.setdefault("input_images", len(inputs.names))
-        _write_posed(out, result, cfg.progress)
+        try:
+            _pose_stage(cfg, out, dev, max_size)
+        except BaseException:
+            if created and all(p.name == _RUN_FILE for p in out.iterdir()):
+                shutil.rmtree(out, ignore_errors=True)  # invalid input: leave nothing behind
+            else:
+                record_time()
+            raise
+        if not cfg.keep_sfm:
+            shutil.rmtree(out / "sfm", ignore_errors=True)
     images, files, cameras, points, colors, pose_info = load_run(out)
     times["poses"] = time.perf_counter() - t0
-    V = images.shape[0]
+    V = len(images)
     if V < MIN_IMAGES:
         raise ValueError(f"{out}: only {V} posed image(s); need at least {MIN_IMAGES}")
     train_idx, test_idx = holdout_split(V, cfg.holdout_every)
-    train_cams, test_cams = cameras[torch.tensor(train_idx)], cameras[torch.tensor(test_idx, dtype=torch.long)]
-    train_imgs, test_imgs = images[train_idx], images[test_idx]
+    train_imgs, train_cams = _views(images, cameras, train_idx)
+    test_imgs, test_cams = _views(images, cameras, test_idx)
 
     # 3. initial Gaussians, or the checkpoint
     fit_cfg = replace(cfg.fit, seed=cfg.seed, progress=cfg.progress)
     if fit_cfg.scene_scale is None:
-        fit_cfg = replace(fit_cfg, scene_scale=camera_scene_scale(train_cams))
+        fit_cfg = replace(fit_cfg, scene_scale=camera_scene_scale(_common_size_cameras(train_cams)))
     ckpt_dir = out / "ckpt"
     # the settings the result depends on, with the device-dependent defaults resolved
     run_cfg = replace(cfg, steps=steps, max_size=max_size, max_init_gaussians=max_init, random_init_count=n_random,
@@ -556,6 +746,9 @@ def reconstruct(cfg: ReconstructConfig) -> dict:
     elif cfg.init not in ("sfm", "random"):
         from vision3d.train.recon_init import init_from_reconstructor
 
+        if isinstance(train_imgs, list):
+            raise ValueError(f"--init {cfg.init}: a feed-forward reconstructor needs photos of one size; these have "
+                             "several, so add --size-policy crop to the command")
         t0 = time.perf_counter()
         init, recon_info = init_from_reconstructor(
             cfg.init, cfg.init_weights, train_imgs, train_cams, device=dev, max_gaussians=max_init,
@@ -593,47 +786,56 @@ def reconstruct(cfg: ReconstructConfig) -> dict:
         live = LiveViewer(out, port=cfg.view_port, total_steps=steps, held_out=test_idx)
     try:
         result = fit_scene(init.to(dev), train_imgs, train_cams, fit_run,
-                           checkpoint=lambda state: _save_fit_checkpoint(ckpt_dir, state, run_config, init_info),
+                           checkpoint=lambda state: (_save_fit_checkpoint(ckpt_dir, state, run_config, init_info),
+                                                     record_time()),
                            checkpoint_every=cfg.ckpt_every, callback=live)
     finally:
         if live is not None:
             live.close()
     fitted, history = result.gaussians, result.history
+    pose_opt = None
+    if result.cameras is not None:  # --fit.pose-opt: how far the training cameras moved (cameras/ keeps SfM's)
+        new = _common_size_cameras(result.cameras).cam_to_world.cpu()
+        old = _common_size_cameras(train_cams).cam_to_world.cpu()
+        dR = old[:, :3, :3].transpose(-1, -2) @ new[:, :3, :3]
+        ang = torch.rad2deg(torch.acos(((dR.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)))
+        pose_opt = {"mean_translation_change": float((new[:, :3, 3] - old[:, :3, 3]).norm(dim=-1).mean()),
+                    "mean_rotation_change_deg": float(ang.mean())}
     times["fit"] = time.perf_counter() - t0
 
     # 5. outputs
-    save_ply(out / "scene.ply", fitted.to("cpu"))
+    app = result.appearance
+    save_ply(out / "scene.ply", (fitted if app is None else app.bake(fitted)).to("cpu"))
     bg = torch.tensor(fit_cfg.background, dtype=torch.float32, device=dev)
     t0 = time.perf_counter()
-    metrics_obj = Metrics(lpips_net="vgg" if cfg.lpips else None, require_lpips="auto")
-    per_view = []
-    for j, i in enumerate(test_idx):
-        with torch.no_grad():
-            pred = rasterize(fitted, test_cams[j : j + 1], background=bg, mode="RGB", backend=fit_cfg.backend)
-        pred = pred.colors.clamp(0, 1).cpu()
-        m = metrics_obj(pred, test_imgs[j : j + 1])
-        per_view.append({"image": files[i], **m})
-        save_png(out / "renders" / f"{Path(files[i]).stem}.png", _side_by_side(pred[0], test_imgs[j]))
-    test_metrics = metrics_obj.compute()
+    test_metrics, per_view, app_metrics = _evaluate(cfg, out, fitted, app, test_imgs, test_cams,
+                                                    [files[i] for i in test_idx], bg, fit_cfg.backend)
     train_psnr = []
     for i in train_idx[:: max(1, len(train_idx) // 8)]:
+        im, cam = _views(images, cameras, [i])
         with torch.no_grad():
-            pred = rasterize(fitted, cameras[i : i + 1], background=bg, mode="RGB", backend=fit_cfg.backend)
-        train_psnr.append(float(psnr(pred.colors.clamp(0, 1).cpu(), images[i : i + 1])))
+            pred = rasterize(fitted, cam[0] if isinstance(cam, list) else cam, background=bg, mode="RGB",
+                             backend=fit_cfg.backend).colors
+            if app is not None:
+                pred = app.apply(pred, app.embeds[train_idx.index(i)][None])
+        gt = im[0][None] if isinstance(im, list) else im
+        train_psnr.append(float(psnr(pred.clamp(0, 1).cpu(), gt)))
     times["eval"] = time.perf_counter() - t0
 
+    path_cams = _common_size_cameras(cameras)
     if cfg.video:
         t0 = time.perf_counter()
-        vw = cfg.video_width or cameras.width
-        vh = max(2, round(vw * cameras.height / cameras.width / 2) * 2)
+        vw = cfg.video_width or path_cams.width
+        vh = max(2, round(vw * path_cams.height / path_cams.width / 2) * 2)
         vw = max(2, vw // 2 * 2)
-        path = smooth_camera_path(cameras, cfg.video_path_frames, vw, vh,
+        path = smooth_camera_path(path_cams, cfg.video_path_frames, vw, vh,
                                   order="given" if pose_info.get("matcher") == "sequential" else "nearest")
+        shown = fitted if app is None else app.bake(fitted)
 
         def frames():
-            for k in range(len(path)):
+            for k in _progress(range(len(path)), cfg.progress, "video"):
                 with torch.no_grad():
-                    o = rasterize(fitted, path[k : k + 1].to(dev), background=bg, mode="RGB", backend=fit_cfg.backend)
+                    o = rasterize(shown, path[k : k + 1].to(dev), background=bg, mode="RGB", backend=fit_cfg.backend)
                 yield o.colors[0].clamp(0, 1).cpu()
 
         write_video(out / "video.mp4", frames(), fps=cfg.fps)
@@ -641,18 +843,25 @@ def reconstruct(cfg: ReconstructConfig) -> dict:
     mesh_info = None
     if cfg.mesh:
         t0 = time.perf_counter()
-        mesh_info = tsdf_mesh(fitted, cameras.to(dev), out / "mesh.ply", cfg.mesh_voxel,
+        mesh_info = tsdf_mesh(fitted, path_cams.to(dev), out / "mesh.ply", cfg.mesh_voxel,
                               background=fit_cfg.background, backend=fit_cfg.backend, progress=cfg.progress)
         times["mesh"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_start
+    times["total_all_runs"] = before + times["total"]
+    write_text_atomic(run_file, json.dumps({"time_s_before": times["total_all_runs"], "finished": True,
+                                            "config": to_plain(asdict(cfg))}, default=str))
+    sizes = sorted({(int(im.shape[-1]), int(im.shape[-2])) for im in images})
 
     metrics = {
-        "test": {**test_metrics, "views": per_view, "count": len(test_idx)},
+        "test": {**test_metrics, "views": per_view, "count": len(test_idx),
+                 **({"appearance": app_metrics} if app_metrics else {})},
         "train": {"psnr_mean": sum(train_psnr) / max(len(train_psnr), 1), "count": len(train_idx)},
-        "images": {"input": pose_info.get("input_images", V), "registered": V, "width": cameras.width,
-                   "height": cameras.height},
+        "images": {"input": pose_info.get("input_images", V), "registered": V, "width": sizes[0][0],
+                   "height": sizes[0][1], "sizes": [list(x) for x in sizes],
+                   "dropped": pose_info.get("dropped", [])},
         "poses": pose_info,
         "init": init_info,
+        "pose_opt": pose_opt,
         "num_gaussians": fitted.num,
         "steps": steps,
         "resumed_from_step": start,

@@ -40,7 +40,7 @@ import signal
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -52,6 +52,9 @@ __all__ = [
     "SceneFitConfig",
     "SceneFitResult",
     "FitState",
+    "AppearanceModel",
+    "PoseCorrection",
+    "fit_view_appearance",
     "fit_scene",
     "params_from_gaussians",
     "gaussians_from_params",
@@ -100,8 +103,7 @@ class SceneFitConfig:
     """Steps between switching on successive SH bands."""
 
     scene_scale: float | None = None
-    """World scale multiplying the means' learning rate and the densification thresholds; None:
-    1.1 x the largest distance of a camera centre from their mean (3DGS's ``spatial_lr_scale``)."""
+    """World scale multiplying the means' learning rate and the densification thresholds; None: 1.1 x the largest distance of a camera centre from their mean (3DGS's ``spatial_lr_scale``)."""
 
     densify: Literal["none", "default", "mcmc"] = "none"
     """Densification: none, gsplat's DefaultStrategy (CPU or GPU), or MCMCStrategy (GPU only)."""
@@ -133,8 +135,29 @@ class SceneFitConfig:
     backend: Literal["auto", "gsplat", "torch"] = "auto"
     """Renderer backend: auto picks gsplat on CUDA, else the PyTorch twin."""
 
+    appearance: bool = False
+    """Per-image appearance: a learned embedding per training photo, decoded by a small MLP into a colour transform of that photo's render (exposure, white balance, tone), so lighting that differs between photos is not baked into the Gaussians as haze and floaters (gsplat's ``app_opt``, NeRF-W's appearance codes)."""
+
+    appearance_dim: int = 16
+    """Length of each photo's appearance embedding (gsplat: 16)."""
+
+    lr_appearance: float = 1e-3
+    """Learning rate of the appearance embeddings and MLP (gsplat's ``app_opt_lr``)."""
+
+    appearance_reg: float = 1e-6
+    """Weight decay of the appearance embeddings and MLP (gsplat's ``app_opt_reg``)."""
+
+    pose_opt: bool = False
+    """Refine each training camera's pose: a learned per-photo rigid correction (translation + 6-D rotation) applied to its cam_to_world, initialised at the identity (gsplat's ``pose_opt``)."""
+
+    lr_pose: float = 1e-5
+    """Learning rate of the pose corrections (gsplat's ``pose_opt_lr``)."""
+
+    pose_reg: float = 1e-6
+    """Weight decay of the pose corrections (gsplat's ``pose_opt_reg``)."""
+
     seed: int = 0
-    """Seed of the view sampling order."""
+    """Seed of the view sampling order (and of the appearance embeddings' initialisation)."""
 
     log_every: int = 10
     """Steps between entries of the history (and progress-bar updates)."""
@@ -149,6 +172,79 @@ class SceneFitResult:
     history: list[dict] = field(default_factory=list)  # {"step", "loss", "psnr", "num_gaussians", "lr_means", "time_s"}
     time_s: float = 0.0  # wall time of the optimisation loop
     steps: int = 0
+    appearance: "AppearanceModel | None" = None  # config.appearance: the per-photo embeddings and their decoder
+    cameras: "Cameras | list[Cameras] | None" = None  # config.pose_opt: the refined training cameras, as given
+
+
+class AppearanceModel(torch.nn.Module):
+    """Per-photo appearance: embedding ``[V, D]`` -> MLP -> an affine colour transform of the render.
+
+    Photo ``v``'s render ``c`` (``[3, H, W]``) becomes ``(I + M_v) c + b_v`` with ``(M_v, b_v)`` decoded
+    from its embedding by a two-layer MLP whose last layer starts at zero (the identity). The scene's
+    colours are the collection's common appearance; the transform absorbs exposure, white balance and
+    tone per photo (gsplat's ``app_opt`` learns the same per-image embedding and MLP, decoding a colour
+    per Gaussian; a per-image transform keeps the Gaussians' own colours a plain, exportable scene).
+    """
+
+    def __init__(self, num_views: int, dim: int = 16, width: int = 64, generator: torch.Generator | None = None):
+        super().__init__()
+        if num_views < 1 or dim < 1:
+            raise ValueError(f"AppearanceModel: need num_views >= 1 and dim >= 1, got {num_views}, {dim}")
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.embeds = torch.nn.Parameter(0.1 * torch.randn(num_views, dim, generator=gen))  # [V, D]
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, width), torch.nn.ReLU(), torch.nn.Linear(width, 12))
+        with torch.no_grad():  # every weight from ``gen`` (not the global RNG), so a fit is reproducible
+            bound = 1.0 / dim**0.5
+            self.mlp[0].weight.copy_((torch.rand(width, dim, generator=gen) * 2 - 1) * bound)
+            self.mlp[0].bias.copy_((torch.rand(width, generator=gen) * 2 - 1) * bound)
+            self.mlp[-1].weight.zero_()
+            self.mlp[-1].bias.zero_()
+
+    def affine(self, codes: Tensor) -> tuple[Tensor, Tensor]:  # [B, D] -> A [B, 3, 3], b [B, 3]
+        out = self.mlp(codes)
+        A = torch.eye(3, dtype=out.dtype, device=out.device) + out[:, :9].reshape(-1, 3, 3)
+        return A, out[:, 9:]
+
+    def apply(self, colors: Tensor, codes: Tensor) -> Tensor:  # [B, 3, H, W], [B, D] -> [B, 3, H, W]
+        A, b = self.affine(codes)
+        return torch.einsum("bij,bjhw->bihw", A, colors) + b[:, :, None, None]
+
+    def mean_code(self) -> Tensor:  # [D]
+        return self.embeds.detach().mean(0)
+
+    def bake(self, g: Gaussians, code: Tensor | None = None) -> Gaussians:
+        """The Gaussians with the transform of ``code`` (default: the mean embedding) folded into their SH
+        colours (exact for opaque pixels), so a viewer shows the collection's mean appearance."""
+        from vision3d.gaussians.gaussians import SH_C0
+
+        code = self.mean_code() if code is None else code
+        with torch.no_grad():
+            A, b = self.affine(code.reshape(1, -1).to(self.embeds))
+            A, b = A[0].to(g.sh), b[0].to(g.sh)
+            rgb0 = 0.5 + SH_C0 * g.sh[..., 0, :]
+            dc = ((rgb0 @ A.T + b) - 0.5) / SH_C0
+            rest = g.sh[..., 1:, :] @ A.T
+            return replace(g, sh=torch.cat([dc[..., None, :], rest], -2))
+
+
+class PoseCorrection(torch.nn.Module):
+    """Per-photo rigid corrections ``[V, 9]`` (translation, 6-D rotation offset from the identity), applied on
+    the right of each cam_to_world (in the camera's frame), zero at the start (gsplat's ``CameraOptModule``)."""
+
+    def __init__(self, num_views: int):
+        super().__init__()
+        self.deltas = torch.nn.Parameter(torch.zeros(num_views, 9))
+
+    def forward(self, cam_to_world: Tensor, ids: Tensor) -> Tensor:  # [B, 4, 4] OpenCV, [B] -> [B, 4, 4]
+        d = self.deltas[ids]
+        a1 = d[:, 3:6] + d.new_tensor([1.0, 0.0, 0.0])
+        a2 = d[:, 6:9] + d.new_tensor([0.0, 1.0, 0.0])
+        b1 = torch.nn.functional.normalize(a1, dim=-1)  # Gram-Schmidt of the 6-D representation (Zhou et al. 2019)
+        b2 = torch.nn.functional.normalize(a2 - (b1 * a2).sum(-1, keepdim=True) * b1, dim=-1)
+        R = torch.stack([b1, b2, torch.cross(b1, b2, dim=-1)], -2)
+        T = torch.eye(4, dtype=d.dtype, device=d.device).repeat(d.shape[0], 1, 1)
+        T = torch.cat([torch.cat([R, d[:, :3, None]], -1), T[:, 3:]], -2)
+        return cam_to_world @ T.to(cam_to_world)
 
 
 # keys of config_dict() that do not change the fitted Gaussians (a resume may change them)
@@ -177,9 +273,11 @@ class FitState:
     strategy_rng: Tensor  # [S] uint8, the RNG state the strategy draws from (its device's generator)
     history: list[dict] = field(default_factory=list)  # the history entries so far
     time_s: float = 0.0  # optimisation time so far
+    modules: dict[str, dict] = field(default_factory=dict)  # "appearance"/"pose": {"state": state_dict, "optim": Adam's}
 
     _KEYS = ("step", "steps", "config", "device_type", "params", "optimizers", "strategy", "order", "order_rng",
-             "strategy_rng", "history", "time_s")
+             "strategy_rng", "history", "time_s", "modules")
+    _OPTIONAL = ("modules",)
 
     def gaussians(self) -> Gaussians:
         """The fitted scene at this state (activated values, detached, every SH band)."""
@@ -194,7 +292,7 @@ class FitState:
         """Check and wrap a :meth:`state_dict` (e.g. read back with ``torch.load(weights_only=True)``)."""
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a dict of fit state, got {type(data).__name__}")
-        missing = [k for k in cls._KEYS if k not in data]
+        missing = [k for k in cls._KEYS if k not in data and k not in cls._OPTIONAL]
         if missing:
             raise ValueError(f"{source}: not a scene-fit state (missing {', '.join(missing)})")
         want = {"means", "scales", "quats", "opacities", "sh0", "shN"}
@@ -211,7 +309,7 @@ class FitState:
         step, steps = int(data["step"]), int(data["steps"])
         if not 0 <= step <= steps:
             raise ValueError(f"{source}: step {step} is outside [0, {steps}]")
-        return cls(**{k: data[k] for k in cls._KEYS})
+        return cls(**{k: data[k] for k in cls._KEYS if k in data})
 
     def to(self, device: torch.device | str) -> "FitState":
         """A copy with the parameters and the strategy's tensors on ``device`` (optimiser moments follow
@@ -364,8 +462,8 @@ def _snapshot(value):
 
 def fit_scene(
     init: Gaussians | FitState,  # unbatched, N Gaussians (never modified), or the state of a fit to continue
-    images: Tensor,  # [V, 3, H, W] float32 in [0, 1] training views
-    cameras: Cameras,  # batch [V], OpenCV cam_to_world, K in pixels, width/height = W/H
+    images: Tensor | Sequence[Tensor],  # [V, 3, H, W] float32 in [0, 1] training views, or V of [3, H_i, W_i]
+    cameras: Cameras | Sequence[Cameras],  # batch [V] (OpenCV cam_to_world, K in pixels, W x H), or V of batch [1]
     config: SceneFitConfig | None = None,
     callback: Callable[[int, Gaussians, dict], None] | None = None,  # called at every history entry
     *,
@@ -375,7 +473,11 @@ def fit_scene(
     """Optimise a Gaussian scene so its renders match ``images`` from ``cameras``.
 
     Returns the fitted Gaussians (activated, detached, on ``init``'s device) and the history
-    (every ``config.log_every`` steps: training loss and PSNR of that step's batch).
+    (every ``config.log_every`` steps: training loss and PSNR of that step's batch). Photos of
+    different sizes come as lists (one image and one camera each; ``batch_views`` must then be 1, as
+    in gsplat's trainer); ``config.appearance`` and ``config.pose_opt`` add per-photo appearance
+    embeddings and pose corrections, returned in the result. ``callback(step, gaussians, entry)``
+    is called at every history entry (a viewer's hook).
 
     ``init`` may be a :class:`FitState` (from ``checkpoint``, moved with :meth:`FitState.to` to the
     device to run on); the fit then continues at its step with the same ``images``, ``cameras`` and
@@ -388,7 +490,18 @@ def fit_scene(
 
     cfg = config or SceneFitConfig()
     resume = init if isinstance(init, FitState) else None
-    cameras.check_images(images, "fit_scene")
+    listed = isinstance(images, (list, tuple)) or isinstance(cameras, (list, tuple))
+    if listed:
+        if not (isinstance(images, (list, tuple)) and isinstance(cameras, (list, tuple))) or len(images) != len(cameras):
+            raise ValueError("fit_scene: per-photo images and cameras go together, as two lists of the same length")
+        for i, (im, c) in enumerate(zip(images, cameras)):
+            c.check_images(im[None], f"fit_scene: view {i}", "1")
+        sizes = sorted({(c.width, c.height) for c in cameras})
+        if cfg.batch_views > 1 and len(sizes) > 1:
+            raise ValueError(f"fit_scene: batch_views={cfg.batch_views} needs one image size, the photos have "
+                             f"{len(sizes)} ({', '.join(f'{w}x{h}' for w, h in sizes[:4])}); use batch_views=1")
+    else:
+        cameras.check_images(images, "fit_scene")
     if resume is None and (len(init.batch_shape) != 0 or init.num == 0):
         raise ValueError(f"fit_scene: init must be unbatched with at least one Gaussian, got {init!r}")
     if not 0 <= cfg.sh_degree <= 3:
@@ -404,10 +517,16 @@ def fit_scene(
     else:
         device, out_dtype = init.device, init.dtype
         start_params = {k: v.float() for k, v in params_from_gaussians(init, cfg.sh_degree).items()}
-    images = images.to(device=device, dtype=torch.float32)
-    cameras = cameras.to(device=device, dtype=torch.float32)
-    V = images.shape[0]
-    scene_scale = cfg.scene_scale if cfg.scene_scale is not None else camera_scene_scale(cameras)
+    if listed:
+        view_imgs = [im.to(device=device, dtype=torch.float32)[None] for im in images]
+        view_cams = [c.to(device=device, dtype=torch.float32) for c in cameras]
+        all_cams = Cameras(torch.cat([c.K for c in view_cams]), torch.cat([c.cam_to_world for c in view_cams]),
+                           view_cams[0].width, view_cams[0].height)  # poses only (scene scale)
+    else:
+        images = images.to(device=device, dtype=torch.float32)
+        cameras = all_cams = cameras.to(device=device, dtype=torch.float32)
+    V = len(images)
+    scene_scale = cfg.scene_scale if cfg.scene_scale is not None else camera_scene_scale(all_cams)
     background = torch.tensor(cfg.background, dtype=torch.float32, device=device)
 
     params = torch.nn.ParameterDict({k: torch.nn.Parameter(v) for k, v in start_params.items()})
@@ -421,6 +540,15 @@ def fit_scene(
     }
     optimizers = {k: torch.optim.Adam([{"params": params[k], "lr": lr, "name": k}], eps=1e-15) for k, lr in lrs.items()}
     strategy, state = _make_strategy(cfg, params, optimizers, scene_scale, device)
+    modules: dict[str, torch.nn.Module] = {}
+    if cfg.appearance:
+        modules["appearance"] = AppearanceModel(V, cfg.appearance_dim, generator=torch.Generator().manual_seed(cfg.seed))
+    if cfg.pose_opt:
+        modules["pose"] = PoseCorrection(V)
+    for m in modules.values():
+        m.to(device)
+    mod_lr = {"appearance": (cfg.lr_appearance, cfg.appearance_reg), "pose": (cfg.lr_pose, cfg.pose_reg)}
+    mod_opts = {k: torch.optim.Adam(m.parameters(), lr=mod_lr[k][0], weight_decay=mod_lr[k][1]) for k, m in modules.items()}
     order_gen = torch.Generator().manual_seed(cfg.seed)
     if resume is None:
         start, order, history, time_before = 0, [], [], 0.0
@@ -438,6 +566,15 @@ def fit_scene(
                 raise ValueError(f"{source}: Adam moments of {k!r} are {sorted(shapes)}, the tensor {want}")
         if strategy is not None:
             state = _load_strategy_state(state, resume.strategy, params["means"].shape[0], device, source)
+        saved_mods = resume.modules or {}
+        if set(saved_mods) != set(modules):
+            raise ValueError(f"{source}: it holds modules {sorted(saved_mods)}, the config asks for {sorted(modules)}")
+        for k, m in modules.items():
+            try:
+                m.load_state_dict(saved_mods[k]["state"])
+                mod_opts[k].load_state_dict(saved_mods[k]["optim"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise ValueError(f"{source}: the {k} module does not fit ({e})") from e
         if any(not 0 <= i < V for i in resume.order):
             raise ValueError(f"{source}: its view order indexes {max(resume.order) + 1} views, images has {V}")
         order_gen.set_state(resume.order_rng)
@@ -463,6 +600,8 @@ def fit_scene(
             strategy_rng=_snapshot(rng["state"]),
             history=_snapshot(history),
             time_s=time_before + time.perf_counter() - t0,
+            modules={k: {"state": _snapshot(m.state_dict()), "optim": _snapshot(mod_opts[k].state_dict())}
+                     for k, m in modules.items()},
         )
 
     done = saved = start
@@ -479,8 +618,13 @@ def fit_scene(
                     order = order + torch.randperm(V, generator=order_gen).tolist()
             idx = order[: cfg.batch_views]
             idx_t = torch.tensor(idx, device=device)
-            cams = cameras[idx_t]
-            gt = images[idx_t]
+            if listed:
+                cams = view_cams[idx[0]] if len(idx) == 1 else Cameras.cat([view_cams[i] for i in idx], 0)
+                gt = torch.cat([view_imgs[i] for i in idx])
+            else:
+                cams, gt = cameras[idx_t], images[idx_t]
+            if "pose" in modules:
+                cams = replace(cams, cam_to_world=modules["pose"](cams.cam_to_world, idx_t))
             active_deg = min(cfg.sh_degree, step // max(cfg.sh_degree_interval, 1))
             g = gaussians_from_params(params, active_deg)
             out = rasterize(
@@ -495,14 +639,16 @@ def fit_scene(
             info = {
                 "means2d": out.means2d,
                 "radii": out.radii,
-                "width": cameras.width,
-                "height": cameras.height,
+                "width": cams.width,
+                "height": cams.height,
                 "n_cameras": len(idx),
                 "gaussian_ids": None,
             }
             if strategy is not None:
                 strategy.step_pre_backward(params, optimizers, state, step, info)
             pred = out.colors
+            if "appearance" in modules:
+                pred = modules["appearance"].apply(pred, modules["appearance"].embeds[idx_t])
             l1 = (pred - gt).abs().mean()
             loss = l1 if cfg.ssim_weight == 0 else (1 - cfg.ssim_weight) * l1 + cfg.ssim_weight * _ssim_loss(pred, gt)
             loss.backward()
@@ -516,7 +662,7 @@ def fit_scene(
                             strategy.step_post_backward(params, optimizers, state, step, info, lr=means_lr(step))
                         else:
                             strategy.step_post_backward(params, optimizers, state, step, info)
-                for opt in optimizers.values():
+                for opt in (*optimizers.values(), *mod_opts.values()):
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                 order = order[cfg.batch_views :]
@@ -556,7 +702,41 @@ def fit_scene(
     elapsed = time_before + time.perf_counter() - t0
     with torch.no_grad():
         fitted = gaussians_from_params(params).detach().to(out_dtype)
-    return SceneFitResult(gaussians=fitted, history=history, time_s=elapsed, steps=cfg.steps)
+        refined = None
+        if "pose" in modules:
+            ids = torch.arange(V, device=device)
+            c2w = modules["pose"](all_cams.cam_to_world, ids).detach()
+            refined = ([replace(c, cam_to_world=c2w[i : i + 1]) for i, c in enumerate(view_cams)] if listed
+                       else replace(cameras, cam_to_world=c2w))
+    app = modules.get("appearance")
+    if app is not None:
+        app.requires_grad_(False)
+    return SceneFitResult(gaussians=fitted, history=history, time_s=elapsed, steps=cfg.steps, appearance=app,
+                          cameras=refined)
+
+
+def fit_view_appearance(
+    appearance: AppearanceModel,
+    render: Tensor,  # [3, H, W] the scene's render of the photo (no transform), in [0, 1]
+    image: Tensor,  # [3, H, W] the photo, in [0, 1]
+    mask: Tensor | None = None,  # [H, W] bool, the pixels to fit on (None: all)
+    steps: int = 200,
+    lr: float = 0.05,
+) -> Tensor:  # [D]
+    """The appearance embedding that best explains ``image`` from ``render`` on ``mask`` (L1), the decoder and
+    the scene frozen, started at the mean training embedding. The evaluation protocol of collections with
+    varying appearance (NeRF-W, Martin-Brualla et al. 2021): fit the held-out photo's code on its left half,
+    score its right half."""
+    code = appearance.mean_code().clone().requires_grad_(True)
+    opt = torch.optim.Adam([code], lr=lr)
+    m = torch.ones(image.shape[-2:], dtype=torch.bool, device=image.device) if mask is None else mask
+    for _ in range(steps):
+        pred = appearance.apply(render[None], code[None])[0]
+        loss = (pred - image).abs()[:, m].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return code.detach()
 
 
 def _check_resume(resume: FitState, cfg: SceneFitConfig, device: torch.device) -> None:
