@@ -244,6 +244,11 @@ def test_init_from_a_reconstructor(tmp_path, capsys):
     _fails(run_args(folder, tmp_path / "r1", 2, "--init", "no_such_model", "--init-weights", str(weights)), capsys,
            "no_such_model", "ilrm_re10k")
     assert not (tmp_path / "r0" / "images").exists()
+    # a file that is not the model's weights fails before the pose stage and leaves no run folder
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    _fails(run_args(folder, tmp_path / "r2", 2, "--init", "ilrm_tiny", "--init-weights", str(bad)), capsys, "bad.safetensors")
+    assert not (tmp_path / "r2").exists()
     out = tmp_path / "run"
     args = run_args(folder, out, 3, "--init", "ilrm_tiny", "--init-weights", str(weights), "--no-video",
                     "--max-init-gaussians", "500")

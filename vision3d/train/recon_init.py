@@ -209,6 +209,7 @@ def init_from_reconstructor(
     model_kwargs: dict | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
+    model: nn.Module | None = None,
 ) -> tuple[Gaussians, dict]:
     """Run reconstructor ``name`` on the posed photos; its Gaussians in the photos' world frame.
 
@@ -219,6 +220,8 @@ def init_from_reconstructor(
         min_opacity: Gaussians below it are dropped (iLRM: ``sigmoid(a - 2)``, so most are not).
         model_kwargs: extra arguments of ``vision3d.recon.create`` (e.g. a trained run's sizes).
         generator: CPU generator of the subsampling (None: seed 0).
+        model: ``name`` already built and loaded from ``weights`` by :func:`load_init_reconstructor` (a
+            command loads it before its pose stage, so a bad file fails before any work); None loads it here.
 
     Returns:
         unbatched float32 Gaussians on ``device`` (SH of ``sh_degree``) and a JSON-safe info dict:
@@ -236,7 +239,9 @@ def init_from_reconstructor(
     if context_views is not None and context_views < 1:
         raise ValueError(f"init_from_reconstructor: context_views must be >= 1, got {context_views}")
     dev = torch.device(device)
-    model = load_init_reconstructor(name, weights, device=dev, model_kwargs=model_kwargs)
+    if model is None:
+        model = load_init_reconstructor(name, weights, device=dev, model_kwargs=model_kwargs)
+    model = model.to(dev)
 
     from vision3d.data.preprocess import resize_and_center_crop
     from vision3d.recon.ilrm import crop_to_multiple

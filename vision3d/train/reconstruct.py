@@ -685,10 +685,13 @@ def reconstruct(cfg: ReconstructConfig) -> dict:
         raise ValueError(f"--pose-ba refines feed-forward poses (--poses vggt|flashvggt), not --poses {cfg.poses}")
     if cfg.pose_ba:
         require("pycolmap", "--pose-ba (bundle adjustment of the predicted cameras)")
+    init_model = None
     if cfg.init not in ("sfm", "random"):
-        from vision3d.train.recon_init import check_init
+        from vision3d.train.recon_init import check_init, load_init_reconstructor
 
-        check_init(cfg.init, cfg.init_weights)  # before the (long) pose stage
+        check_init(cfg.init, cfg.init_weights)
+        if not cfg.resume:  # read the weights now: a bad file fails before the (long) pose stage writes anything
+            init_model = load_init_reconstructor(cfg.init, cfg.init_weights, device="cpu")
     src = Path(cfg.input)
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such photo folder or video")
@@ -752,7 +755,7 @@ def reconstruct(cfg: ReconstructConfig) -> dict:
         t0 = time.perf_counter()
         init, recon_info = init_from_reconstructor(
             cfg.init, cfg.init_weights, train_imgs, train_cams, device=dev, max_gaussians=max_init,
-            sh_degree=fit_cfg.sh_degree, generator=gen, progress=cfg.progress,
+            sh_degree=fit_cfg.sh_degree, generator=gen, progress=cfg.progress, model=init_model,
         )
         times["init"] = time.perf_counter() - t0
     else:
