@@ -37,7 +37,7 @@ def test_outputs_present_and_parseable():
     assert dist is None and names == [f"img_{i:02d}.png" for i in range(8)] and len(model.points3D) == 300
     torch.testing.assert_close(cams.cam_to_world, truth.cam_to_world, atol=1e-4, rtol=0)
     torch.testing.assert_close(cams.K, truth.K, atol=1e-4, rtol=0)
-    tj = read_transforms_json(run / "cameras" / "transforms.json")
+    tj = read_transforms_json(run / "cameras" / "transforms.json", root=run)  # its images sit in run/images
     torch.testing.assert_close(tj.cameras.cam_to_world, truth.cam_to_world, atol=1e-4, rtol=0)
     assert all(p.is_file() for p in tj.image_paths)
     # held-out renders: render | photo, side by side
@@ -126,7 +126,7 @@ def test_too_few_images(tmp_path, capsys):
 def test_unreadable_image(tmp_path, capsys):
     folder, _ = make_photo_folder(tmp_path, n=4, width=24, height=16, cameras="transforms")
     (folder / "img_01.png").write_bytes(b"not a png")
-    _fails(run_args(folder, tmp_path / "run", 2), capsys, "img_01.png", "cannot read")
+    _fails(run_args(folder, tmp_path / "run", 2), capsys, "img_01.png", "cannot be read", "--skip-unreadable")
 
 
 def test_wildly_different_sizes(tmp_path, capsys):

@@ -147,7 +147,7 @@ def test_reconstruct_interrupted_and_resumed_equals_uninterrupted(tmp_path, monk
     real = sf.fit_scene
 
     def interrupted(*args, **kw):
-        return real(*args, callback=_stop_at(STOP), **kw)
+        return real(*args, **{**kw, "callback": _stop_at(STOP)})
 
     monkeypatch.setattr(sf, "fit_scene", interrupted)
     with pytest.raises(KeyboardInterrupt):
