@@ -314,9 +314,9 @@ def test_import_vision3d_still_registers_the_backbones_with_timm():
 
 def test_mixed_size_photos_keep_their_sizes(tmp_path):
     from vision3d.gaussians.procedural import collection_cameras, procedural_scene
-    from vision3d.geometry.colmap import ColmapModel, write_colmap
+    from vision3d.geometry.colmap import write_colmap
     from vision3d.render import rasterize
-    from vision3d.train.reconstruct import load_run
+    from vision3d.train.reconstruct import colmap_model_of, load_run
     from vision3d.utils.images import save_png
 
     scene = procedural_scene(seed=3, density=0.35)
@@ -326,13 +326,8 @@ def test_mixed_size_photos_keep_their_sizes(tmp_path):
     for n, c in zip(names, cams):
         with torch.no_grad():
             save_png(folder / n, rasterize(scene.gaussians, c, mode="RGB", backend="torch").colors[0].clamp(0, 1))
-    model = ColmapModel.from_cameras(cams[0], names[:1], scene.gaussians.means[:200], scene.gaussians.rgb[:200])
-    for i, (c, n) in enumerate(zip(cams[1:], names[1:]), start=2):
-        one = ColmapModel.from_cameras(c, [n])
-        cam, im = one.cameras[1], one.images[1]
-        cam.id, im.id, im.camera_id = i, i, i
-        model.cameras[i], model.images[i] = cam, im
-    write_colmap(model, folder / "sparse" / "0", binary=False)
+    write_colmap(colmap_model_of(cams, names, scene.gaussians.means[:200], scene.gaussians.rgb[:200]),
+                 folder / "sparse" / "0", binary=False)
     out = tmp_path / "run"
     assert main(run_args(folder, out, 3, "--holdout-every", "3", "--no-video", "--fit.appearance")) == 0
     m = json.loads((out / "metrics.json").read_text())
@@ -342,6 +337,35 @@ def test_mixed_size_photos_keep_their_sizes(tmp_path):
     assert isinstance(images, list) and [(c.width, c.height) for c in got] == [(c.width, c.height) for c in cams]
     for a, b in zip(got, cams):
         torch.testing.assert_close(a.K, b.K, atol=1e-3, rtol=0)
+    # export and view read such a run: each photo keeps its size
+    from vision3d.cli.export import Args as ExportArgs, export
+    from vision3d.geometry.colmap import read_colmap
+    from vision3d.viewer.app import load_viewer_scene
+
+    export(ExportArgs(out, tmp_path / "sparse_out", format="colmap"))
+    cm = read_colmap(tmp_path / "sparse_out")
+    assert sorted((c.width, c.height) for c in cm.cameras.values()) == sorted((c.width, c.height) for c in cams)
+    export(ExportArgs(out, tmp_path / "tj", format="transforms"))
+    tj = json.loads((tmp_path / "tj" / "transforms.json").read_text())
+    assert [(f["w"], f["h"]) for f in tj["frames"]] == [(c.width, c.height) for c in cams]
+    vs = load_viewer_scene(out)
+    assert [vs.size(i) for i in range(len(cams))] == [(c.width, c.height) for c in cams]
+    for i, c in enumerate(cams):
+        cam = vs.camera(i)
+        assert (cam.width, cam.height) == (c.width, c.height)
+        torch.testing.assert_close(cam.K[0], c.K.reshape(3, 3), atol=1e-3, rtol=0)
+    from vision3d.utils.optional import why_unavailable
+
+    if why_unavailable("viser") is None:  # the viewer draws the frusta and held-out comparisons at each size
+        from vision3d.viewer.app import SceneViewer
+
+        viewer = SceneViewer(vs, host="127.0.0.1", port=0, render_width=32)
+        try:
+            for i in vs.held_out:
+                img, now, _ = viewer.comparison(i)
+                assert img.shape[:2] == (vs.size(i)[1], 2 * vs.size(i)[0] + 4) and now is not None
+        finally:
+            viewer.stop()
 
 
 def test_interrupted_pose_stage_restarts_with_the_printed_command(tmp_path, capsys, monkeypatch):

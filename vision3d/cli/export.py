@@ -59,18 +59,18 @@ def export(args: Args) -> Path:
     if args.format == "colmap":
         import torch
 
-        from vision3d.geometry.colmap import ColmapModel, write_colmap
+        from vision3d.geometry.colmap import write_colmap
+        from vision3d.train.reconstruct import colmap_model_of
 
         g = load_ply(_scene_path(src))
         idx = torch.linspace(0, g.num - 1, min(g.num, args.max_points)).round().long()
-        model = ColmapModel.from_cameras(cameras, files, g.means[idx], g.rgb[idx])
-        return write_colmap(model, out, binary=False)
-    from vision3d.geometry.transforms_json import write_transforms_json
+        return write_colmap(colmap_model_of(cameras, files, g.means[idx], g.rgb[idx]), out, binary=False)
+    from vision3d.train.reconstruct import write_cameras_json
 
     if out.suffix.lower() != ".json":
         out = out / "transforms.json"
     images = [os.path.relpath((src / "images" / f).resolve(), out.parent.resolve()) for f in files]
-    write_transforms_json(out, cameras, images)
+    write_cameras_json(out, cameras, images)
     return out
 
 

@@ -408,9 +408,35 @@ def _views(images, cameras, idx: list[int]):
     return images[idx], cameras[torch.tensor(idx, dtype=torch.long)]
 
 
-def write_posed(out: Path, result, progress: bool) -> None:
-    from vision3d.geometry.colmap import ColmapModel, write_colmap
+def colmap_model_of(cameras, files: list[str], points: Tensor | None = None, colors: Tensor | None = None):
+    """COLMAP model of a run's cameras: a batch ``[V]`` Cameras, or one Cameras per photo when sizes differ
+    (then one COLMAP camera per photo)."""
+    from vision3d.geometry.colmap import ColmapModel
+
+    if isinstance(cameras, Cameras):
+        return ColmapModel.from_cameras(cameras, files, points, colors)
+    model = ColmapModel.from_cameras(cameras[0], files[:1], points, colors)
+    for i, (c, f) in enumerate(zip(cameras[1:], files[1:]), start=2):
+        one = ColmapModel.from_cameras(c, [f])
+        cam, im = one.cameras[1], one.images[1]
+        cam.id, im.id, im.camera_id = i, i, i
+        model.cameras[i], model.images[i] = cam, im
+    return model
+
+
+def write_cameras_json(path: Path, cameras, image_paths: list[str]) -> None:
+    """``transforms.json`` of a run's cameras (per-photo sizes: per-frame ``w``/``h``, which nerfstudio reads)."""
     from vision3d.geometry.transforms_json import write_transforms_json
+
+    if isinstance(cameras, Cameras):
+        return write_transforms_json(path, cameras, image_paths)
+    common = Cameras(torch.cat([c.K for c in cameras]), torch.cat([c.cam_to_world for c in cameras]),
+                     cameras[0].width, cameras[0].height)
+    write_transforms_json(path, common, image_paths, frame_extra=[{"w": c.width, "h": c.height} for c in cameras])
+
+
+def write_posed(out: Path, result, progress: bool) -> None:
+    from vision3d.geometry.colmap import write_colmap
     from vision3d.poses.colmap import sfm_file_names
     from vision3d.utils.images import save_png
     from vision3d.utils.io import write_text_atomic
@@ -418,20 +444,8 @@ def write_posed(out: Path, result, progress: bool) -> None:
     files = sfm_file_names(result.names)
     for f, im in zip(files, result.images):
         save_png(out / "images" / f, im)
-    if isinstance(result.cameras, Cameras):
-        model = ColmapModel.from_cameras(result.cameras, files, result.points, result.colors)
-        write_transforms_json(out / "cameras" / "transforms.json", result.cameras, [f"../images/{f}" for f in files])
-    else:  # per-photo sizes: one COLMAP camera per photo; transforms.json with per-frame w/h (nerfstudio reads it)
-        model = ColmapModel.from_cameras(result.cameras[0], files[:1], result.points, result.colors)
-        for i, (c, f) in enumerate(zip(result.cameras[1:], files[1:]), start=2):
-            one = ColmapModel.from_cameras(c, [f])
-            cam, im = one.cameras[1], one.images[1]
-            cam.id, im.id, im.camera_id = i, i, i
-            model.cameras[i], model.images[i] = cam, im
-        common = Cameras(torch.cat([c.K for c in result.cameras]), torch.cat([c.cam_to_world for c in result.cameras]),
-                         result.cameras[0].width, result.cameras[0].height)
-        write_transforms_json(out / "cameras" / "transforms.json", common, [f"../images/{f}" for f in files],
-                              frame_extra=[{"w": c.width, "h": c.height} for c in result.cameras])
+    model = colmap_model_of(result.cameras, files, result.points, result.colors)
+    write_cameras_json(out / "cameras" / "transforms.json", result.cameras, [f"../images/{f}" for f in files])
     write_colmap(model, out / "cameras", binary=False)
     write_text_atomic(out / "cameras" / "poses.json",
                       json.dumps({"names": result.names, "files": files, "info": result.info}, indent=2, default=str))

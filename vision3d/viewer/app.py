@@ -76,6 +76,19 @@ class ViewerScene:
     photos: dict[int, Tensor] | None = None  # camera index -> [3, H, W] in [0, 1] (held-out photos)
     metrics: dict = field(default_factory=dict)  # the run's metrics.json ({} without one)
     source: Path | None = None  # the run folder or PLY the scene came from
+    sizes: list[tuple[int, int]] | None = None  # [V] (width, height) per view when the photos' sizes differ
+
+    def size(self, i: int) -> tuple[int, int]:
+        """``(width, height)`` of view ``i``."""
+        return self.sizes[i] if self.sizes else (self.cameras.width, self.cameras.height)
+
+    def camera(self, i: int) -> Cameras:  # batch [1], at view i's own size
+        w, h = self.size(i)
+        return Cameras(self.cameras.K[i : i + 1], self.cameras.cam_to_world[i : i + 1], w, h)
+
+    def fov_y(self, i: int) -> float:
+        """Vertical field of view of view ``i``, radians."""
+        return float(fov_y_of(self.camera(i))[0])
 
 
 def load_viewer_scene(source: str | Path) -> ViewerScene:
@@ -104,9 +117,13 @@ def load_viewer_scene(source: str | Path) -> ViewerScene:
     from vision3d.train.reconstruct import load_run
 
     images, files, cams, _, _, _ = load_run(src)
+    sizes = None
+    if not isinstance(cams, Cameras):  # per-photo sizes: one batch of poses and K, each view keeps its size
+        sizes = [(c.width, c.height) for c in cams]
+        cams = Cameras(torch.cat([c.K for c in cams]), torch.cat([c.cam_to_world for c in cams]), *sizes[0])
     names = [v.get("image") for v in (metrics.get("test", {}) or {}).get("views", []) if isinstance(v, dict)]
     held = [files.index(n) for n in names if n in files]
-    return ViewerScene(g, cams, files, held, {i: images[i] for i in held}, metrics, src)
+    return ViewerScene(g, cams, files, held, {i: images[i] for i in held}, metrics, src, sizes)
 
 
 def camera_from_pose(
@@ -439,7 +456,7 @@ class SceneViewer:
             "position": c.numpy(),
             "look_at": (c + R[:, 2] * dist).numpy(),
             "up": (-R[:, 1]).numpy(),
-            "fov": float(fov_y_of(cams)[i]),
+            "fov": self.scene.fov_y(i),
         }
 
     def _set_initial_camera(self, i: int) -> None:
@@ -460,7 +477,6 @@ class SceneViewer:
             d = torch.cdist(centres, centres) + torch.eye(len(cams), dtype=torch.float64) * 1e9
             # small enough that no frustum's photo covers the view from a neighbouring camera
             frustum_scale = 0.15 * float(d.min(-1).values.median()) if len(cams) > 1 else 0.05
-        fov_y = fov_y_of(cams)
         held = set(self.scene.held_out or [])
         photos = self.scene.photos or {}
         for i in range(len(cams)):
@@ -468,8 +484,8 @@ class SceneViewer:
             photo = photos.get(i)
             h = self.server.scene.add_camera_frustum(
                 f"/cameras/{'held_out' if i in held else 'train'}/{Path(self._name(i)).stem}",
-                fov=float(fov_y[i]),
-                aspect=cams.width / cams.height,
+                fov=self.scene.fov_y(i),
+                aspect=self.scene.size(i)[0] / self.scene.size(i)[1],
                 scale=frustum_scale,
                 color=(255, 140, 0) if i in held else (40, 40, 40),
                 image=None if photo is None else _to_uint8(photo),
@@ -497,9 +513,8 @@ class SceneViewer:
     def comparison(self, i: int) -> tuple[np.ndarray, float | None, float | None]:
         """``(photo | render side by side [H, 2W + 4, 3] uint8, PSNR of the render now, PSNR in metrics.json)``
         of held-out camera ``i``."""
-        cams = self.scene.cameras
         photo = _to_uint8(self.scene.photos[i])
-        render = render_view(self.filtered, cams[i : i + 1], "rgb", backend=self.backend)
+        render = render_view(self.filtered, self.scene.camera(i), "rgb", backend=self.backend)
         sep = np.full((photo.shape[0], 4, 3), 255, np.uint8)
         recorded = None
         for view in (self.scene.metrics.get("test", {}) or {}).get("views", []):
