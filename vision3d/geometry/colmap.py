@@ -431,14 +431,15 @@ def _check_cameras(path: Path, cams: dict[int, ColmapCamera]) -> None:
 
 
 def _check_images(path: Path, imgs: dict[int, ColmapImage]) -> None:
-    """Refuse non-finite poses and quaternions too short to be a rotation (all zero is not the identity)."""
+    """Refuse non-finite poses and quaternions too short to be a rotation (all zero is not the identity).
+
+    Non-finite 2-D observations are accepted as COLMAP writes them: its image undistorter leaves NaN for
+    keypoints it cannot map into the undistorted image; they carry no pose information."""
     for iid, im in imgs.items():
         check_finite(path, f"image {iid} QVEC/TVEC", np.concatenate([im.qvec, im.tvec]), "finite pose values")
         n = float(np.linalg.norm(im.qvec))
         if not n > 1e-6:
             raise InputError(path, f"image {iid} QVEC", "a unit quaternion (norm 1)", im.qvec.tolist())
-        if not np.isfinite(im.xys).all():
-            raise InputError(path, f"image {iid} POINTS2D", "finite pixel coordinates", "non-finite values")
 
 
 def _check_points(path: Path, pts: dict[int, ColmapPoint3D]) -> None:
