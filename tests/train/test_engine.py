@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import time
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.train.util import RandomViewsDataset
+from tests.train.util import RandomViewsDataset, assert_same_weights, kill_after_checkpoint
 from vision3d.data import collate_views
 from vision3d.train.checkpoint import latest_checkpoint, load_checkpoint
 from vision3d.train.config import DataConfig, OptimConfig, TrainConfig
@@ -41,22 +39,11 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     ref = train(_cfg(tmp_path / "ref"), RandomViewsDataset(num_scenes=5, size=16))
     assert ref.step == 24
     run = tmp_path / "killed"
-    ctx = mp.get_context("spawn")
-    p = ctx.Process(target=_child, args=(_cfg(run),))
-    p.start()
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run / "ckpts" / "step_00000004").exists():
-        time.sleep(0.005)
-    os.kill(p.pid, signal.SIGKILL)
-    p.join()
-    last = latest_checkpoint(run)
-    assert last is not None, "the child wrote no checkpoint before it was killed"
-    killed_at = int(last.name.split("_")[1])
+    killed_at = kill_after_checkpoint(_child, _cfg(run), run)
     assert killed_at < 24, "the run finished before it could be killed; the test proves nothing"
     resumed = train(_cfg(run, resume=True), RandomViewsDataset(num_scenes=5, size=16))
     assert resumed.step == 24
-    for (n, a), (_, b) in zip(ref.model.state_dict().items(), resumed.model.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{n} differs after resuming at step {killed_at}")
+    assert_same_weights(ref.model, resumed.model, killed_at)
     _, sa, ema_a = load_checkpoint(latest_checkpoint(tmp_path / "ref"))
     _, sb, ema_b = load_checkpoint(latest_checkpoint(run))
     for k in ema_a:

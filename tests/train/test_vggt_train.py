@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import time
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.train.util import RandomViewsDataset
+from tests.train.util import RandomViewsDataset, assert_same_weights, kill_after_checkpoint
 from vision3d.data import ChunkDataset, ChunkDatasetConfig, EvaluationViewSampler
 from vision3d.data.synthetic import synthetic_scenes, write_synthetic_dataset
 from vision3d.eval.geometry import evaluate_geometry
@@ -102,21 +100,11 @@ def test_vggt_resume_after_kill_matches_uninterrupted(tmp_path):
     ref = train(_cfg(tmp_path / "ref"), _data())
     assert ref.step == 12
     run = tmp_path / "killed"
-    p = mp.get_context("spawn").Process(target=_child, args=(_cfg(run),))
-    p.start()
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run / "ckpts" / "step_00000004").exists():
-        time.sleep(0.005)
-    os.kill(p.pid, signal.SIGKILL)
-    p.join()
-    last = latest_checkpoint(run)
-    assert last is not None, "the child wrote no checkpoint before it was killed"
-    killed_at = int(last.name.split("_")[1])
+    killed_at = kill_after_checkpoint(_child, _cfg(run), run)
     assert killed_at < 12, "the run finished before it could be killed; the test proves nothing"
     resumed = train(_cfg(run, resume=True), _data())
     assert resumed.step == 12
-    for (n, a), (_, b) in zip(ref.model.state_dict().items(), resumed.model.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{n} differs after resuming at step {killed_at}")
+    assert_same_weights(ref.model, resumed.model, killed_at)
 
 
 def _ddp_worker(rank, world, port, tmp):

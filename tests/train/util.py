@@ -1,8 +1,16 @@
-"""A deterministic in-memory dataset of posed views for engine tests (mechanics, not quality)."""
+"""Engine test helpers: a deterministic in-memory dataset of posed views (mechanics, not quality), and the
+kill-then-resume harness of the exact-resume tests."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
 import torch
+import torch.multiprocessing as mp
 
 from vision3d.data import SampleKey, ViewsExample
 from vision3d.geometry import Cameras
@@ -36,3 +44,26 @@ class RandomViewsDataset(torch.utils.data.Dataset):
             epoch=key.epoch if isinstance(key, SampleKey) else 0,
             position=key.position if isinstance(key, SampleKey) else -1,
         )
+
+
+def kill_after_checkpoint(child: Callable, cfg, run: Path, first: str = "step_00000004", timeout: float = 120.0) -> int:
+    """Run ``child(cfg)`` in a spawned process, SIGKILL it once ``run/ckpts/<first>`` exists, and return the step
+    of the last checkpoint it left (``child`` must be a module-level function, for spawn)."""
+    from vision3d.train.checkpoint import latest_checkpoint
+
+    p = mp.get_context("spawn").Process(target=child, args=(cfg,))
+    p.start()
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (Path(run) / "ckpts" / first).exists():
+        time.sleep(0.005)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
+    last = latest_checkpoint(run)
+    assert last is not None, "the child wrote no checkpoint before it was killed"
+    return int(last.name.split("_")[1])
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, killed_at: int) -> None:
+    """Bit-identical state dicts (a resumed run against the uninterrupted one)."""
+    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=f"{n} differs after resuming at step {killed_at}")
