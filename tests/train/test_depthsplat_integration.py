@@ -9,6 +9,7 @@ import json
 
 import torch
 
+from tests.train.util import trivial_baselines
 from vision3d.data import ChunkDataset, ChunkDatasetConfig, EvaluationViewSampler
 from vision3d.data.synthetic import synthetic_scenes, write_synthetic_dataset
 from vision3d.eval.protocol import evaluate
@@ -18,18 +19,6 @@ from vision3d.train.engine import train
 SIZE, VIEWS, STEPS = 32, 12, 40
 MARGIN_DB = 2.0  # asserted advantage over the mean-context-colour baseline on held-out views
 LEARN_DB = 0.5  # asserted gain of training itself
-
-
-def mean_colour_psnr(dataset) -> float:
-    """PSNR (mean over target images) of predicting each target as its context views' mean colour."""
-    vals = []
-    for i in range(len(dataset)):
-        ex = dataset[i]
-        colour = ex.context_images.mean(dim=(0, 2, 3))  # [3]
-        for t in ex.target_images:
-            mse = (t - colour[:, None, None]).square().mean().clamp_min(1e-10)
-            vals.append(float(-10 * torch.log10(mse)))
-    return sum(vals) / len(vals)
 
 
 def test_tiny_host_with_affnet_backbone_beats_mean_colour(tmp_path):
@@ -61,7 +50,9 @@ def test_tiny_host_with_affnet_backbone_beats_mean_colour(tmp_path):
     after = evaluate(result.model, test, tmp_path / "after", lpips=False, progress=False, save_renders=False)
     p0 = before.summary["mean_over_images"]["psnr"]
     psnr = after.summary["mean_over_images"]["psnr"]
-    base = mean_colour_psnr(test)
-    print(f"held-out PSNR: host {p0:.2f} -> {psnr:.2f} dB after {STEPS} steps, mean context colour {base:.2f} dB")
+    baselines = trivial_baselines(test)
+    base = baselines["mean_colour"]
+    print(f"held-out PSNR: host {p0:.2f} -> {psnr:.2f} dB after {STEPS} steps; baselines "
+          + ", ".join(f"{k} {v:.2f}" for k, v in baselines.items()))
     assert psnr > p0 + LEARN_DB, f"held-out PSNR {p0:.2f} -> {psnr:.2f} dB: training gained less than {LEARN_DB} dB"
     assert psnr > base + MARGIN_DB, f"host {psnr:.2f} dB vs mean colour {base:.2f} dB: less than {MARGIN_DB} dB better"

@@ -19,11 +19,10 @@ from __future__ import annotations
 import json
 
 import torch
-import torch.nn.functional as F
 
+from tests.train.util import axes_centre, reproject_via_plane, trivial_baselines
 from vision3d.data import ChunkDataset, ChunkDatasetConfig, EvaluationViewSampler
 from vision3d.data.synthetic import synthetic_scenes, write_synthetic_dataset
-from vision3d.eval.metrics import psnr
 from vision3d.eval.protocol import evaluate
 from vision3d.train.config import DataConfig, OptimConfig, TrainConfig
 from vision3d.train.engine import build_model, train
@@ -31,54 +30,6 @@ from vision3d.train.engine import build_model, train
 SIZE, VIEWS, STEPS = 24, 12, 150
 MARGIN_DB = 3.0  # asserted improvement of held-out PSNR over the untrained model
 BASELINE_MARGIN_DB = 1.0  # asserted lead over the mean-context-colour baseline (measured lead: 2.2 dB)
-
-
-def _axes_centre(cams) -> torch.Tensor:  # [3]: least-squares meeting point of the cameras' optical axes
-    o = cams.cam_to_world[:, :3, 3].double()
-    d = F.normalize(cams.cam_to_world[:, :3, 2].double(), dim=-1)
-    P = torch.eye(3, dtype=torch.float64) - d[:, :, None] * d[:, None, :]  # projectors orthogonal to each axis
-    return torch.linalg.lstsq(P.sum(0), (P @ o[:, :, None]).sum(0)).solution[:, 0]
-
-
-def _reproject_via_plane(img, src, dst, centre):  # [3, H, W] seen by src -> dst's view; outside -> NaN
-    """Warp through the plane facing ``src`` at the scene centre (a plane-induced homography: the best
-    a model can do with the cameras but no per-pixel depth)."""
-    H, W = img.shape[-2:]
-    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float64) + 0.5, torch.arange(W, dtype=torch.float64) + 0.5, indexing="ij")
-    pix = torch.stack([xs, ys, torch.ones_like(xs)], -1).reshape(-1, 3)  # dst pixel centres
-    c2w_d = dst.cam_to_world.double()
-    rays = (pix @ torch.linalg.inv(dst.K.double()).T) @ c2w_d[:3, :3].T  # [P, 3] world directions
-    n = src.cam_to_world[:3, 2].double()  # plane normal: src's viewing direction
-    s = ((centre - c2w_d[:3, 3]) @ n) / (rays @ n)
-    X = c2w_d[:3, 3] + s[:, None] * rays  # [P, 3] on the plane
-    w2c = src.world_to_cam.double()
-    q = (X @ w2c[:3, :3].T + w2c[:3, 3]) @ src.K.double().T
-    ok = (s > 0) & (q[:, 2] > 1e-9)
-    uv = q[:, :2] / q[:, 2:].clamp(min=1e-9)
-    grid = torch.stack([uv[:, 0] / W * 2 - 1, uv[:, 1] / H * 2 - 1], -1).reshape(1, H, W, 2).float()
-    out = F.grid_sample(img[None].float(), grid, align_corners=False, padding_mode="zeros")[0]
-    inside = (ok & (grid.reshape(-1, 2).abs() <= 1).all(-1)).reshape(H, W)
-    return torch.where(inside, out, torch.full_like(out, float("nan")))
-
-
-def trivial_baselines(dataset) -> dict[str, float]:
-    """Mean held-out PSNR of the colour-only baselines, over the same target views as ``evaluate``."""
-    scores: dict[str, list[float]] = {"mean_colour": [], "nearest_view": [], "nearest_reprojected": []}
-    for i in range(len(dataset)):
-        ex = dataset[i]
-        ctx, gt = ex.context_images.float(), ex.target_images.float()  # [Vc, 3, H, W], [Vt, 3, H, W]
-        mean = ctx.mean(dim=(0, 2, 3))  # [3]
-        centres_c = ex.context_cameras.cam_to_world[:, :3, 3]
-        centre = _axes_centre(ex.context_cameras)  # the point the context cameras look at
-        for j in range(gt.shape[0]):
-            tgt = ex.target_cameras[j]
-            k = int(torch.cdist(tgt.cam_to_world[None, :3, 3], centres_c)[0].argmin())
-            warped = _reproject_via_plane(ctx[k], ex.context_cameras[k], tgt, centre)
-            warped = torch.where(torch.isnan(warped), mean[:, None, None].expand_as(warped), warped)
-            preds = {"mean_colour": mean[:, None, None].expand_as(gt[j]), "nearest_view": ctx[k], "nearest_reprojected": warped}
-            for name, pred in preds.items():
-                scores[name].append(float(psnr(pred[None].clamp(0, 1), gt[j][None])))
-    return {k: sum(v) / len(v) for k, v in scores.items()}
 
 
 def test_tiny_ilrm_learns(tmp_path):
@@ -127,7 +78,7 @@ def test_nearest_view_baselines_are_sound(tmp_path):
     ds = ChunkDataset(ChunkDatasetConfig(roots=[root], split="test", image_shape=(SIZE, SIZE)), EvaluationViewSampler(root / "index.json"))
     ex = ds[0]
     c = ex.context_cameras
-    warped = _reproject_via_plane(ex.context_images[0], c[0], c[0], _axes_centre(c))
+    warped = reproject_via_plane(ex.context_images[0], c[0], c[0], axes_centre(c))
     torch.testing.assert_close(warped, ex.context_images[0].float(), atol=1e-4, rtol=0)
     base = trivial_baselines(ds)  # targets are the context views: copying is perfect, the mean colour is not
     assert base["nearest_view"] == float("inf") and base["nearest_reprojected"] > 40 and base["mean_colour"] < 20

@@ -1,5 +1,5 @@
 """Engine test helpers: a deterministic in-memory dataset of posed views (mechanics, not quality), and the
-kill-then-resume harness of the exact-resume tests."""
+kill-then-resume harness of the exact-resume tests, and the trivial baselines every "it learns" test must beat."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from typing import Callable
 
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from vision3d.data import SampleKey, ViewsExample
+from vision3d.eval.metrics import psnr
 from vision3d.geometry import Cameras
 
 
@@ -67,3 +69,52 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, killed_at: int) 
     """Bit-identical state dicts (a resumed run against the uninterrupted one)."""
     for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(x, y, rtol=0, atol=0, msg=f"{n} differs after resuming at step {killed_at}")
+
+
+# ------------------------------------------------------------------ trivial baselines of the learning tests
+def axes_centre(cams) -> torch.Tensor:  # [3]: least-squares meeting point of the cameras' optical axes
+    o = cams.cam_to_world[:, :3, 3].double()
+    d = F.normalize(cams.cam_to_world[:, :3, 2].double(), dim=-1)
+    P = torch.eye(3, dtype=torch.float64) - d[:, :, None] * d[:, None, :]  # projectors orthogonal to each axis
+    return torch.linalg.lstsq(P.sum(0), (P @ o[:, :, None]).sum(0)).solution[:, 0]
+
+
+def reproject_via_plane(img, src, dst, centre):  # [3, H, W] seen by src -> dst's view; outside -> NaN
+    """Warp through the plane facing ``src`` at the scene centre (a plane-induced homography: the best
+    a model can do with the cameras but no per-pixel depth)."""
+    H, W = img.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float64) + 0.5, torch.arange(W, dtype=torch.float64) + 0.5, indexing="ij")
+    pix = torch.stack([xs, ys, torch.ones_like(xs)], -1).reshape(-1, 3)  # dst pixel centres
+    c2w_d = dst.cam_to_world.double()
+    rays = (pix @ torch.linalg.inv(dst.K.double()).T) @ c2w_d[:3, :3].T  # [P, 3] world directions
+    n = src.cam_to_world[:3, 2].double()  # plane normal: src's viewing direction
+    s = ((centre - c2w_d[:3, 3]) @ n) / (rays @ n)
+    X = c2w_d[:3, 3] + s[:, None] * rays  # [P, 3] on the plane
+    w2c = src.world_to_cam.double()
+    q = (X @ w2c[:3, :3].T + w2c[:3, 3]) @ src.K.double().T
+    ok = (s > 0) & (q[:, 2] > 1e-9)
+    uv = q[:, :2] / q[:, 2:].clamp(min=1e-9)
+    grid = torch.stack([uv[:, 0] / W * 2 - 1, uv[:, 1] / H * 2 - 1], -1).reshape(1, H, W, 2).float()
+    out = F.grid_sample(img[None].float(), grid, align_corners=False, padding_mode="zeros")[0]
+    inside = (ok & (grid.reshape(-1, 2).abs() <= 1).all(-1)).reshape(H, W)
+    return torch.where(inside, out, torch.full_like(out, float("nan")))
+
+
+def trivial_baselines(dataset) -> dict[str, float]:
+    """Mean held-out PSNR of the colour-only baselines, over the same target views as ``evaluate``."""
+    scores: dict[str, list[float]] = {"mean_colour": [], "nearest_view": [], "nearest_reprojected": []}
+    for i in range(len(dataset)):
+        ex = dataset[i]
+        ctx, gt = ex.context_images.float(), ex.target_images.float()  # [Vc, 3, H, W], [Vt, 3, H, W]
+        mean = ctx.mean(dim=(0, 2, 3))  # [3]
+        centres_c = ex.context_cameras.cam_to_world[:, :3, 3]
+        centre = axes_centre(ex.context_cameras)  # the point the context cameras look at
+        for j in range(gt.shape[0]):
+            tgt = ex.target_cameras[j]
+            k = int(torch.cdist(tgt.cam_to_world[None, :3, 3], centres_c)[0].argmin())
+            warped = reproject_via_plane(ctx[k], ex.context_cameras[k], tgt, centre)
+            warped = torch.where(torch.isnan(warped), mean[:, None, None].expand_as(warped), warped)
+            preds = {"mean_colour": mean[:, None, None].expand_as(gt[j]), "nearest_view": ctx[k], "nearest_reprojected": warped}
+            for name, pred in preds.items():
+                scores[name].append(float(psnr(pred[None].clamp(0, 1), gt[j][None])))
+    return {k: sum(v) / len(v) for k, v in scores.items()}
