@@ -348,6 +348,12 @@ def test_mixed_size_photos_keep_their_sizes(tmp_path):
     export(ExportArgs(out, tmp_path / "tj", format="transforms"))
     tj = json.loads((tmp_path / "tj" / "transforms.json").read_text())
     assert [(f["w"], f["h"]) for f in tj["frames"]] == [(c.width, c.height) for c in cams]
+    from vision3d.geometry.transforms_json import read_transforms_json
+
+    back = read_transforms_json(tmp_path / "tj" / "transforms.json", root=out)  # per-frame w/h read back
+    assert back.sizes == [(c.width, c.height) for c in cams]
+    for i, c in enumerate(cams):
+        torch.testing.assert_close(back.camera(i).K, c.K.reshape(1, 3, 3), atol=1e-3, rtol=0)
     vs = load_viewer_scene(out)
     assert [vs.size(i) for i in range(len(cams))] == [(c.width, c.height) for c in cams]
     for i, c in enumerate(cams):

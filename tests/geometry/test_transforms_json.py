@@ -117,9 +117,6 @@ def test_opencv_with_k3_becomes_full_opencv(tmp_path):
          r"transforms\.json: frames\[0\]\.transform_matrix must be a 4x4"),
         ({"fl_x": 1.0, "w": 4, "h": 4, "frames": [{"transform_matrix": torch.eye(4).tolist()}]},
          r"transforms\.json: frames\[0\]\.file_path is missing"),
-        ({"fl_x": 1.0, "w": 4, "h": 4, "frames": [{"file_path": "a", "transform_matrix": torch.eye(4).tolist()},
-                                                  {"file_path": "b", "w": 8, "transform_matrix": torch.eye(4).tolist()}]},
-         r"transforms\.json: frames\[1\] has image size 8x4 \(fields 'w'/'h'\)"),
         ({"w": 4, "h": 4, "frames": [{"file_path": "a", "transform_matrix": torch.eye(4).tolist()}]},
          r"frames\[0\] has no focal length"),
         ({"fl_x": "big", "w": 4, "h": 4, "frames": [{"file_path": "a", "transform_matrix": torch.eye(4).tolist()}]},
@@ -180,3 +177,30 @@ def test_applied_transform_undone(tmp_path):
     t = read_transforms_json(tmp_path, dtype=D)
     torch.testing.assert_close(t.applied_transform, A)
     torch.testing.assert_close(t.cameras_in_original_world().cam_to_world, cams.cam_to_world)
+
+
+def test_per_frame_sizes_round_trip(tmp_path):
+    """nerfstudio allows per-frame w/h (vision3d writes them for photo collections): read, group, and refuse one batch."""
+    from vision3d import InputError
+    from vision3d.geometry import Cameras
+
+    a = Cameras(torch.tensor([[[20.0, 0, 16], [0, 21, 12], [0, 0, 1]]]), torch.eye(4)[None], 32, 24)
+    b = Cameras(torch.tensor([[[18.0, 0, 12], [0, 18, 16], [0, 0, 1]]]).expand(2, 3, 3), torch.eye(4).expand(2, 4, 4), 24, 32)
+    write_transforms_json(tmp_path / "transforms.json", [a, b], ["a.png", "b.png", "c.png"])
+    meta = json.loads((tmp_path / "transforms.json").read_text())
+    assert "w" not in meta and [(f["w"], f["h"]) for f in meta["frames"]] == [(32, 24), (24, 32), (24, 32)]
+    t = read_transforms_json(tmp_path)
+    assert t.sizes == [(32, 24), (24, 32), (24, 32)] and not t.uniform_size
+    torch.testing.assert_close(t.camera(0).K, a.K)
+    assert (t.camera(2).width, t.camera(2).height) == (24, 32)
+    groups = t.by_size()
+    assert list(groups) == [(32, 24), (24, 32)] and groups[(24, 32)][1] == [1, 2]
+    torch.testing.assert_close(groups[(24, 32)][0].K, b.K)
+    with pytest.raises(InputError, match=r"transforms\.json.*frames\[1\]\.w/h.*one image size.*24x32"):
+        t.cameras
+    half = read_transforms_json(tmp_path, downscale=2)
+    assert half.sizes == [(16, 12), (12, 16), (12, 16)]
+    # the render command renders each size group
+    from vision3d.cli.render import load_cameras
+
+    assert [(c.width, c.height, n) for c, n in load_cameras(tmp_path / "transforms.json")] == [(32, 24, ["a"]), (24, 32, ["b", "c"])]

@@ -65,12 +65,12 @@ def export(args: Args) -> Path:
         g = load_ply(_scene_path(src))
         idx = torch.linspace(0, g.num - 1, min(g.num, args.max_points)).round().long()
         return write_colmap(colmap_model_of(cameras, files, g.means[idx], g.rgb[idx]), out, binary=False)
-    from vision3d.train.reconstruct import write_cameras_json
+    from vision3d.geometry.transforms_json import write_transforms_json
 
     if out.suffix.lower() != ".json":
         out = out / "transforms.json"
     images = [os.path.relpath((src / "images" / f).resolve(), out.parent.resolve()) for f in files]
-    write_cameras_json(out, cameras, images)
+    write_transforms_json(out, cameras, images)
     return out
 
 

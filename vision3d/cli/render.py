@@ -94,7 +94,7 @@ class Args:
 def load_cameras(path: Path) -> list[tuple[Cameras, list[str]]]:
     """Groups of ``(Cameras [V], one output name per view)`` from a COLMAP folder or a transforms.json.
 
-    A COLMAP model whose cameras have different image sizes gives one group per size.
+    Cameras of different image sizes (COLMAP cameras, per-frame transforms.json w/h) give one group per size.
     """
     from vision3d.geometry.colmap import find_colmap_model
 
@@ -104,9 +104,9 @@ def load_cameras(path: Path) -> list[tuple[Cameras, list[str]]]:
     if path.is_file():
         if path.suffix.lower() != ".json":
             raise ValueError(f"{path}: expected a transforms.json file or a COLMAP model folder")
-        return [_from_transforms(path)]
+        return _from_transforms(path)
     if (path / "transforms.json").is_file():
-        return [_from_transforms(path / "transforms.json")]
+        return _from_transforms(path / "transforms.json")
     try:
         folder, _ = find_colmap_model(path)
     except ValueError:
@@ -125,7 +125,7 @@ def _names(paths, n: int) -> list[str]:
     return names
 
 
-def _from_transforms(path: Path) -> tuple[Cameras, list[str]]:
+def _from_transforms(path: Path) -> list[tuple[Cameras, list[str]]]:
     from vision3d.geometry.transforms_json import read_transforms_json
 
     # only the cameras and the image names are used (no image is read), so file_path may point anywhere,
@@ -133,8 +133,8 @@ def _from_transforms(path: Path) -> tuple[Cameras, list[str]]:
     tj = read_transforms_json(path, root=Path(path).resolve().anchor)
     if tj.distortion is not None and bool((tj.distortion != 0).any()):
         print(f"vision3d render: note: {path} has lens distortion; rendering pinhole views", file=sys.stderr)
-    cams = tj.cameras.flatten()
-    return cams, _names(tj.image_paths, len(cams))
+    names = _names(tj.image_paths, len(tj.image_paths))
+    return [(cams, [names[i] for i in idx]) for cams, idx in tj.by_size().values()]
 
 
 def _from_colmap(folder: Path) -> list[tuple[Cameras, list[str]]]:

@@ -174,7 +174,7 @@ def _known_cameras(source: str | os.PathLike, where: Path) -> dict[str, Cameras]
         json_dir = (src if src.is_dir() else src.parent).resolve()
         tj = read_transforms_json(src, root=os.path.commonpath([json_dir, Path(where).resolve()]))
         for i, p in enumerate(tj.image_paths):
-            out[Path(p).name.lower()] = tj.cameras[i : i + 1]
+            out[Path(p).name.lower()] = tj.camera(i)
         return out
     from vision3d.geometry.colmap import read_colmap
 

@@ -28,6 +28,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -56,12 +57,45 @@ _FRAME_KEYS = ("file_path", "transform_matrix")
 
 @dataclass
 class TransformsJson:
-    cameras: Cameras  # batch [N], OpenCV cam_to_world, K in pixels
+    K: Tensor  # [N, 3, 3] intrinsics in pixels, one per frame
+    cam_to_world: Tensor  # [N, 4, 4] OpenCV cam_to_world
+    sizes: list[tuple[int, int]]  # (w, h) of each frame; nerfstudio allows them to differ
     image_paths: list[Path]  # one per camera, resolved against the json's folder
     distortion: Tensor | None  # [N, k] in the order DISTORTION_KEYS[camera_model], or None
     camera_model: str  # "OPENCV", "PINHOLE", "OPENCV_FISHEYE", ...
     extra: dict  # other top-level keys, kept as read
     frame_extra: list[dict] = field(default_factory=list)  # other keys of each frame (mask_path...)
+    path: Path | None = None  # the file read, for messages
+
+    @property
+    def uniform_size(self) -> bool:
+        return len(set(self.sizes)) <= 1
+
+    @property
+    def cameras(self) -> Cameras:
+        """All frames as one batch [N]; needs one image size (else use :meth:`camera` or :meth:`by_size`)."""
+        if not self.uniform_size:
+            first = self.sizes[0]
+            bad = next(i for i, s in enumerate(self.sizes) if s != first)
+            raise InputError(
+                self.path, f"frames[{bad}].w/h", f"one image size for all frames to make one Cameras batch (frames[0] is "
+                f"{first[0]}x{first[1]}); read per frame with .camera(i) or grouped with .by_size()",
+                f"{self.sizes[bad][0]}x{self.sizes[bad][1]}",
+            )
+        w, h = self.sizes[0]
+        return Cameras(self.K, self.cam_to_world, w, h)
+
+    def camera(self, i: int) -> Cameras:
+        """Frame ``i`` as Cameras [1] at its own size."""
+        w, h = self.sizes[i]
+        return Cameras(self.K[i : i + 1], self.cam_to_world[i : i + 1], w, h)
+
+    def by_size(self) -> dict[tuple[int, int], tuple[Cameras, list[int]]]:
+        """``(w, h) -> (Cameras [n], frame indices)``, sizes in order of first appearance."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(self.sizes):
+            groups.setdefault(s, []).append(i)
+        return {s: (Cameras(self.K[idx], self.cam_to_world[idx], *s), idx) for s, idx in groups.items()}
 
     @property
     def applied_transform(self) -> Tensor | None:  # [4, 4] float64, or None
@@ -81,8 +115,9 @@ class TransformsJson:
         A = self.applied_transform
         if A is None:
             return self.cameras
-        c2w = torch.linalg.inv(A).to(self.cameras.cam_to_world) @ self.cameras.cam_to_world
-        return replace(self.cameras, cam_to_world=c2w)
+        cams = self.cameras
+        c2w = torch.linalg.inv(A).to(cams.cam_to_world) @ cams.cam_to_world
+        return replace(cams, cam_to_world=c2w)
 
 
 def _num(path: Path, where: str, key: str, value) -> float:
@@ -147,9 +182,13 @@ def read_transforms_json(
             refused. vision3d run folders keep the json in ``cameras/`` with ``../images/...``
             paths: their readers pass the run folder.
 
+    Frames may differ in size (per-frame ``w``/``h``, as nerfstudio allows and as vision3d writes for
+    photo collections): :attr:`TransformsJson.cameras` is then refused with the frame named, and
+    :meth:`~TransformsJson.camera` / :meth:`~TransformsJson.by_size` give the cameras at their sizes.
+
     Raises:
         ValueError naming the file and the field on missing or malformed keys, unknown camera
-        models, or frames of different image sizes.
+        models, or frames using different camera models.
     """
     path = Path(path)
     if path.is_dir():
@@ -262,31 +301,26 @@ def _read_transforms_json(path: Path, downscale: int, dtype: torch.dtype, data_r
         paths.append(image if downscale == 1 else (root / f"images_{downscale}" / image.name).resolve())
         fextra.append({k: v for k, v in fr.items() if k not in _FRAME_KEYS and k not in _INTRINSIC_KEYS and k not in _ALL_DIST})
 
-    if len(set(sizes)) > 1:
-        first = sizes[0]
-        bad = next(i for i, s in enumerate(sizes) if s != first)
-        raise ValueError(
-            f"{path}: frames[{bad}] has image size {sizes[bad][0]}x{sizes[bad][1]} (fields 'w'/'h') but frames[0] "
-            f"has {first[0]}x{first[1]}; Cameras need one size per batch — split the frames by size"
-        )
     if len(models) > 1:
         raise ValueError(f"{path}: frames use different camera models {sorted(models)} (field 'camera_model')")
     cam_model = models.pop()
-    w, h = sizes[0]
     c2w = opengl_to_opencv(torch.stack(c2ws)).to(dtype)
     K = torch.tensor(Ks, dtype=torch.float64).to(dtype)
     if downscale > 1:
         K = K * K.new_tensor([1.0 / downscale, 1.0 / downscale, 1.0])[:, None]
-        w, h = w // downscale, h // downscale
+        sizes = [(w // downscale, h // downscale) for w, h in sizes]
+        small = next((i for i, (w, h) in enumerate(sizes) if w < 1 or h < 1), None)
+        if small is not None:
+            raise InputError(path, f"frames[{small}].w/h", f"an image of at least {downscale}x{downscale} pixels for downscale {downscale}",
+                             f"{sizes[small][0] * downscale}x{sizes[small][1] * downscale}")
     # values finite in float64 can overflow the requested dtype (a 1e40 translation in float32)
     check_finite(path, "transform_matrix", c2w, f"values representable in {dtype}")
     check_finite(path, "fl_x/fl_y/cx/cy", K, f"values representable in {dtype}")
-    cameras = Cameras(K, c2w, w, h)
     distortion = torch.tensor(dists, dtype=dtype) if DISTORTION_KEYS[cam_model] else None
     extra = {
         k: v for k, v in meta.items() if k != "frames" and k not in _INTRINSIC_KEYS and k not in _ALL_DIST
     }
-    return TransformsJson(cameras, paths, distortion, cam_model, extra, fextra)
+    return TransformsJson(K, c2w, sizes, paths, distortion, cam_model, extra, fextra, path)
 
 
 def _angle(path: Path, key: str, value) -> float:
@@ -321,7 +355,7 @@ def _json_float(v: float, single: bool) -> float:
 
 def write_transforms_json(
     path: str | os.PathLike,
-    cameras: Cameras,  # batch [N] (or any shape, flattened), OpenCV cam_to_world, K in pixels
+    cameras: Cameras | Sequence[Cameras],  # batch [N] (any shape, flattened), or one Cameras per size group; OpenCV
     image_paths: list[str],  # one per camera, written as given (relative to the json's folder)
     distortion: Tensor | None = None,  # [N, k] or [k] in the order DISTORTION_KEYS[camera_model]
     camera_model: str = "PINHOLE",
@@ -331,11 +365,20 @@ def write_transforms_json(
 ) -> None:
     """Write a nerfstudio ``transforms.json`` atomically.
 
-    Intrinsics and distortion equal across all cameras go to the top level, otherwise into each
-    frame. Poses are written in OpenGL camera axes, as nerfstudio expects.
+    Intrinsics, image sizes and distortion equal across all cameras go to the top level, otherwise
+    into each frame (``cameras`` may be a list of Cameras of different sizes, concatenated in order).
+    Poses are written in OpenGL camera axes, as nerfstudio expects.
     """
     path = Path(path)
-    cams = cameras.flatten() if len(cameras.batch_shape) != 1 else cameras
+    groups = [cameras] if isinstance(cameras, Cameras) else list(cameras)
+    if not groups or not all(isinstance(c, Cameras) for c in groups):
+        raise ValueError(f"write_transforms_json({path}): cameras must be a Cameras or a non-empty list of Cameras")
+    groups = [c.flatten() if len(c.batch_shape) != 1 else c for c in groups]
+    sizes = [(c.width, c.height) for c in groups for _ in range(c.batch_shape[0])]
+    cams = groups[0] if len(groups) == 1 else Cameras(
+        torch.cat([c.K.detach().to("cpu", torch.float64) for c in groups]),
+        torch.cat([c.cam_to_world.detach().to("cpu", torch.float64) for c in groups]), groups[0].width, groups[0].height)
+    cameras = groups[0]  # dtype of the values written
     n = cams.batch_shape[0]
     if len(image_paths) != n:
         raise ValueError(f"write_transforms_json({path}): {len(image_paths)} image_paths for {n} cameras")
@@ -378,7 +421,10 @@ def write_transforms_json(
     shared = {k: v for k, v in per_cam.items() if bool((v == v[0]).all())}
     varying = {k: v for k, v in per_cam.items() if k not in shared}
 
-    out: dict = {"camera_model": camera_model, "w": cams.width, "h": cams.height}
+    same_size = len(set(sizes)) == 1
+    out: dict = {"camera_model": camera_model}
+    if same_size:
+        out.update(w=sizes[0][0], h=sizes[0][1])
     for k, v in shared.items():
         out[k] = _json_float(float(v[0]), is_single[k])
     for k, v in (extra or {}).items():
@@ -389,6 +435,8 @@ def write_transforms_json(
     for i in range(n):
         mat = [[_json_float(x, single) for x in row] for row in c2w[i].tolist()]
         fr = {"file_path": str(image_paths[i]), "transform_matrix": mat}
+        if not same_size:
+            fr["w"], fr["h"] = sizes[i]
         for k, v in varying.items():
             fr[k] = _json_float(float(v[i]), is_single[k])
         if frame_extra is not None:

@@ -424,19 +424,9 @@ def colmap_model_of(cameras, files: list[str], points: Tensor | None = None, col
     return model
 
 
-def write_cameras_json(path: Path, cameras, image_paths: list[str]) -> None:
-    """``transforms.json`` of a run's cameras (per-photo sizes: per-frame ``w``/``h``, which nerfstudio reads)."""
-    from vision3d.geometry.transforms_json import write_transforms_json
-
-    if isinstance(cameras, Cameras):
-        return write_transforms_json(path, cameras, image_paths)
-    common = Cameras(torch.cat([c.K for c in cameras]), torch.cat([c.cam_to_world for c in cameras]),
-                     cameras[0].width, cameras[0].height)
-    write_transforms_json(path, common, image_paths, frame_extra=[{"w": c.width, "h": c.height} for c in cameras])
-
-
 def write_posed(out: Path, result, progress: bool) -> None:
     from vision3d.geometry.colmap import write_colmap
+    from vision3d.geometry.transforms_json import write_transforms_json
     from vision3d.poses.colmap import sfm_file_names
     from vision3d.utils.images import save_png
     from vision3d.utils.io import write_text_atomic
@@ -445,7 +435,7 @@ def write_posed(out: Path, result, progress: bool) -> None:
     for f, im in zip(files, result.images):
         save_png(out / "images" / f, im)
     model = colmap_model_of(result.cameras, files, result.points, result.colors)
-    write_cameras_json(out / "cameras" / "transforms.json", result.cameras, [f"../images/{f}" for f in files])
+    write_transforms_json(out / "cameras" / "transforms.json", result.cameras, [f"../images/{f}" for f in files])
     write_colmap(model, out / "cameras", binary=False)
     write_text_atomic(out / "cameras" / "poses.json",
                       json.dumps({"names": result.names, "files": files, "info": result.info}, indent=2, default=str))
