@@ -27,6 +27,8 @@ and CPU seconds per run.
 
     python tools/bench/ewa.py --json ewa.json          # the recorded experiment (~40 CPU minutes, 1 thread)
     python tools/bench/ewa.py --steps 60 --seeds 0 --betas 0.5 --placements every-other  # smoke run (~15 s)
+    python tools/bench/ewa.py --seeds 0 1 2 --json a.json & python tools/bench/ewa.py --seeds 3 4 --json b.json
+    python tools/bench/ewa.py --merge a.json b.json --json ewa.json  # the same table from two processes
 """
 
 from __future__ import annotations
@@ -205,6 +207,25 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[Path], out: Path | None) -> None:
+    """One table from the runs of several ``--json`` files (a run = one configuration and one seed)."""
+    results: list[dict] = []
+    seen: set[tuple[str, int]] = set()
+    for path in paths:
+        for run in json.loads(path.read_text())["runs"]:
+            key = (run["config"], run["seed"])
+            if key in seen:
+                raise ValueError(f"bench/ewa --merge: {path} repeats config {key[0]!r} seed {key[1]}")
+            seen.add(key)
+            results.append(run)
+    seeds = sorted({r["seed"] for r in results})
+    rows = summarise(results, seeds)
+    text = table(rows)
+    print(text)
+    if out:
+        out.write_text(json.dumps({"merged": [str(p) for p in paths], "runs": results, "summary": rows, "table": text}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=600, help="optimiser steps per run (same for every configuration)")
@@ -220,7 +241,14 @@ def main() -> None:
     ap.add_argument("--placements", nargs="+", default=list(PLACEMENTS), choices=list(PLACEMENTS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None, help="write the runs and the summary here (after every run)")
+    ap.add_argument(
+        "--merge", type=Path, nargs="+", default=None,
+        help="train nothing: summarise the runs of these --json files (e.g. seeds split over processes)",
+    )
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, args.json)
+        return
     for beta in args.betas:
         if not 0.0 <= beta <= 1.0:
             ap.error(f"--betas: share rates must be in [0, 1], got {beta}")
