@@ -25,7 +25,7 @@ Reported per configuration: held-out accuracy (mean +- std over seeds), the per-
 to dense (mean +- std, how many seeds beat dense, a paired two-sided t-test p-value), training accuracy
 and CPU seconds per run.
 
-    python tools/bench/ewa.py --json ewa.json          # the recorded experiment (~40 CPU minutes, 1 thread)
+    python tools/bench/ewa.py --json ewa.json          # the recorded experiment (45 runs, ~27 CPU minutes, 1 thread)
     python tools/bench/ewa.py --steps 60 --seeds 0 --betas 0.5 --placements every-other  # smoke run (~15 s)
     python tools/bench/ewa.py --seeds 0 1 2 --json a.json & python tools/bench/ewa.py --seeds 3 4 --json b.json
     python tools/bench/ewa.py --merge a.json b.json --json ewa.json  # the same table from two processes
