@@ -79,6 +79,8 @@ __all__ = [
     "FusedMLPOut",
     "dense_to_moe",
     "MoBGroup",
+    "MoBRouter",
+    "MoBBlock",
     "add_mob",
     "set_all_active",
     "load_balance_loss",
@@ -536,6 +538,23 @@ def dense_to_moe(
 
 
 # ------------------------------------------------------------------------------------------------ Mixture of Blocks
+def _route_blocks(gate: nn.Linear, c: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-sample top-``k`` of ``G`` blocks: (probs [B, G], selected bool [B, G], weight [B, G], balance loss).
+
+    ``weight`` is straight-through: exactly 1 in the forward on the selected blocks, the renormalised
+    softmax's gradient backward.
+    """
+    probs = gate(c).float().softmax(-1)
+    # ties (e.g. a zero-initialised router) are broken towards earlier blocks by a tiny index bias
+    tie = torch.arange(probs.shape[1], device=c.device, dtype=probs.dtype) * 1e-6
+    _, idx = (probs - tie).topk(k, -1)
+    selected = torch.zeros_like(probs, dtype=torch.bool).scatter(1, idx, True)
+    kept = torch.where(selected, probs, torch.zeros_like(probs))
+    kept = kept / kept.sum(-1, keepdim=True)
+    weight = (kept - kept.detach()) + 1.0  # exactly 1 forward
+    return probs, selected, weight, balance_loss(probs, idx)
+
+
 class MoBGroup(nn.Module):
     """Consecutive DiT blocks of which each sample runs ``k``, chosen by a router on the conditioning.
 
@@ -563,15 +582,7 @@ class MoBGroup(nn.Module):
         self.aux_loss: Optional[Tensor] = None
 
     def route(self, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # c [B, C] -> (probs [B, G], selected bool [B, G], weight [B, G])
-        probs = self.router(c).float().softmax(-1)
-        # ties (e.g. a zero-initialised router) are broken towards earlier blocks by a tiny index bias
-        tie = torch.arange(probs.shape[1], device=c.device, dtype=probs.dtype) * 1e-6
-        _, idx = (probs - tie).topk(self.k, -1)
-        selected = torch.zeros_like(probs, dtype=torch.bool).scatter(1, idx, True)
-        kept = torch.where(selected, probs, torch.zeros_like(probs))
-        kept = kept / kept.sum(-1, keepdim=True)
-        weight = (kept - kept.detach()) + 1.0  # exactly 1 forward
-        self.aux_loss = balance_loss(probs, idx)
+        probs, selected, weight, self.aux_loss = _route_blocks(self.router, c, self.k)
         return probs, selected, weight
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
@@ -594,12 +605,18 @@ class MoBGroup(nn.Module):
         return x
 
 
-def add_mob(model: nn.Module, cfg: Optional[MoBConfig] = None) -> list[MoBGroup]:
-    """Group ``model.blocks`` (our DiT) into :class:`MoBGroup` s in place; returns the groups."""
+def add_mob(model: nn.Module, cfg: Optional[MoBConfig] = None) -> list:
+    """Mixture of Blocks in place; returns the groups (:class:`MoBGroup` s or :class:`MoBRouter` s).
+
+    Our DiT: ``model.blocks`` is regrouped into :class:`MoBGroup` s. A diffusers transformer
+    (``FluxTransformer2DModel``, ``PixArtTransformer2DModel``, ``DiTTransformer2DModel``): each grouped
+    block is wrapped in a :class:`MoBBlock` (the block lists keep their length, so the model's own
+    forward is unchanged) and the groups' routers are ``model.mob_routers``.
+    """
     cfg = cfg or MoBConfig()
     blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList) or not hasattr(model, "condition"):
-        raise TypeError(f"add_mob: {type(model).__name__} is not a vision3d DiT (needs .blocks and .condition)")
+    if not (isinstance(blocks, nn.ModuleList) and hasattr(model, "condition")):
+        return _add_mob_diffusers(model, cfg)
     if any(isinstance(b, MoBGroup) for b in blocks):
         raise ValueError("add_mob: the model already has MoB groups")
     D = len(blocks)
@@ -629,6 +646,195 @@ def add_mob(model: nn.Module, cfg: Optional[MoBConfig] = None) -> list[MoBGroup]
     return groups
 
 
+@dataclass(frozen=True)
+class _BlockSpec:
+    """How a diffusers block is called: its per-sample arguments, what it returns, its conditioning."""
+
+    batch_args: tuple[str, ...]
+    """Arguments whose leading dimension is the batch (sliced to the samples that run the block)."""
+    outputs: tuple[str, ...]
+    """The block returns these inputs, updated, in this order (one name: a bare tensor)."""
+    cond: Callable[[nn.Module, dict], Tensor]
+    """``cond(block, arguments) -> [B, C]`` the per-sample signal the router reads."""
+    cond_dim: Callable[[nn.Module], int]
+
+
+_FLUX_ARGS = ("hidden_states", "encoder_hidden_states", "temb")
+_BASIC_ARGS = ("hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask", "timestep",
+               "class_labels")
+
+
+def _basic_cond(block: nn.Module, a: dict) -> Tensor:
+    if block.norm_type == "ada_norm_single":  # PixArt: the model's adaLN-single embedding [B, 6 * dim]
+        return a["timestep"]
+    # DiTTransformer2DModel: the block's own timestep + class embedding [B, dim]
+    return block.norm1.emb(a["timestep"], a["class_labels"], hidden_dtype=a["hidden_states"].dtype)
+
+
+def _basic_cond_dim(block: nn.Module) -> int:
+    if block.norm_type == "ada_norm_single":
+        return block.scale_shift_table.shape[1] * 6
+    return block.norm1.linear.in_features
+
+
+def _block_spec(block: nn.Module, name: str) -> _BlockSpec:
+    kind = type(block).__name__
+    if kind == "FluxTransformerBlock":  # returns (encoder_hidden_states, hidden_states), diffusers' order
+        return _BlockSpec(_FLUX_ARGS, ("encoder_hidden_states", "hidden_states"), lambda _b, a: a["temb"],
+                          lambda b: b.norm1.linear.in_features)
+    if kind == "FluxSingleTransformerBlock":
+        return _BlockSpec(_FLUX_ARGS, ("encoder_hidden_states", "hidden_states"), lambda _b, a: a["temb"],
+                          lambda b: b.norm.linear.in_features)
+    if kind == "BasicTransformerBlock":
+        if getattr(block, "norm_type", None) not in ("ada_norm_single", "ada_norm_zero"):
+            raise TypeError(f"add_mob: {name} has norm_type={getattr(block, 'norm_type', None)!r}; MoB needs a "
+                            "per-sample conditioning (ada_norm_single as in PixArt or ada_norm_zero as in DiT)")
+        return _BlockSpec(_BASIC_ARGS, ("hidden_states",), _basic_cond, _basic_cond_dim)
+    raise TypeError(f"add_mob: {name} is a {kind}; MoB supports FluxTransformerBlock, FluxSingleTransformerBlock "
+                    "and diffusers' BasicTransformerBlock")
+
+
+_BLOCK_LISTS = {
+    "FluxTransformer2DModel": ("transformer_blocks", "single_transformer_blocks"),
+    "PixArtTransformer2DModel": ("transformer_blocks",),
+    "DiTTransformer2DModel": ("transformer_blocks",),
+}
+
+
+class MoBRouter(nn.Module):
+    """The router of one group of diffusers blocks (see :class:`MoBBlock`): ``G`` blocks, ``k`` per sample.
+
+    Lives in ``model.mob_routers``; the group's first block computes the routing on its conditioning and
+    caches it here for the others (they run right after it in the model's loop).
+
+    Attributes:
+        block_names: qualified names of the group's blocks (for the group feature loss).
+        aux_loss: Switch load-balancing loss of the last routing.
+    """
+
+    def __init__(self, cond_dim: int, block_names: Sequence[str], k: int):
+        super().__init__()
+        G = len(block_names)
+        if not 1 <= k <= G:
+            raise ValueError(f"MoBRouter({list(block_names)}): top_k={k} must be in [1, {G}]")
+        self.router = nn.Linear(cond_dim, G)
+        nn.init.zeros_(self.router.weight)
+        nn.init.zeros_(self.router.bias)
+        self.k = k
+        self.block_names = tuple(block_names)
+        self.aux_loss: Optional[Tensor] = None
+        self.last: Optional[tuple[Tensor, Tensor]] = None  # (selected [B, G], weight [B, G]) of the last routing
+
+    def route(self, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        probs, selected, weight, self.aux_loss = _route_blocks(self.router, c, self.k)
+        self.last = (selected, weight)
+        return probs, selected, weight
+
+
+class MoBBlock(nn.Module):
+    """A diffusers transformer block that runs only on the samples its group's :class:`MoBRouter` picks.
+
+    Called exactly like the block (same positional/keyword arguments); returns what the block returns.
+    A sample that skips the block gets its inputs back unchanged (``(encoder_hidden_states,
+    hidden_states)`` for FLUX, ``hidden_states`` for ``BasicTransformerBlock``); the others get
+    ``x + w * (block(x) - x)`` with the straight-through weight ``w`` (1 in the forward). Attribute
+    reads fall through to the wrapped block (``DiTTransformer2DModel`` reads ``transformer_blocks[0].norm1``).
+    """
+
+    def __init__(self, block: nn.Module, router: MoBRouter, position: int, name: str):
+        super().__init__()
+        import inspect
+
+        self.block = block
+        self.position = position
+        self.spec = _block_spec(block, name)
+        self.signature = inspect.signature(block.forward)
+        object.__setattr__(self, "group", router)  # not a submodule: its weights live in model.mob_routers
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("block")
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+    def _run(self, a: dict) -> tuple[Tensor, ...]:
+        out = self.block(**a)
+        return tuple(out) if len(self.spec.outputs) > 1 else (out,)
+
+    def forward(self, *args, **kwargs):
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = dict(bound.arguments)
+        x = tuple(a[n] for n in self.spec.outputs)
+        B = a["hidden_states"].shape[0]
+        if self.position == 0:
+            _, selected, weight = self.group.route(self.spec.cond(self.block, a))
+        else:
+            if self.group.last is None or self.group.last[0].shape[0] != B:
+                raise RuntimeError(f"MoBBlock {self.group.block_names[self.position]}: its group's first block "
+                                   f"{self.group.block_names[0]} did not run on this batch of {B} first")
+            selected, weight = self.group.last
+        col, w = selected[:, self.position], weight[:, self.position]
+        if bool(col.all()):
+            ys = self._run(a)
+            wb = w.to(x[0].dtype)[:, None, None]
+            out = tuple(xi + wb * (yi - xi) for xi, yi in zip(x, ys))
+        elif not bool(col.any()):
+            out = x
+        else:
+            rows = torch.nonzero(col).flatten()
+            sub = dict(a)
+            for n in self.spec.batch_args:
+                v = a.get(n)
+                if isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == B:
+                    sub[n] = v.index_select(0, rows)
+            ys = self._run(sub)
+            wb = w.index_select(0, rows).to(x[0].dtype)[:, None, None]
+            out = tuple(xi.index_add(0, rows, wb * (yi - xi.index_select(0, rows))) for xi, yi in zip(x, ys))
+        return out if len(out) > 1 else out[0]
+
+
+def _add_mob_diffusers(model: nn.Module, cfg: MoBConfig) -> list[MoBRouter]:
+    lists = _BLOCK_LISTS.get(type(model).__name__)
+    if lists is None:
+        raise TypeError(f"add_mob: {type(model).__name__} is neither a vision3d DiT nor a supported diffusers "
+                        f"transformer ({', '.join(_BLOCK_LISTS)})")
+    if hasattr(model, "mob_routers"):
+        raise ValueError(f"add_mob: the {type(model).__name__} already has MoB groups")
+    if cfg.group_size < 2 or not 1 <= cfg.top_k < cfg.group_size:
+        raise ValueError(f"add_mob: need group_size >= 2 and 1 <= top_k < group_size, got {cfg.group_size}, {cfg.top_k}")
+    plan = []
+    for ln in lists:
+        blocks = getattr(model, ln)
+        D = len(blocks)
+        inner = D - 2 * cfg.keep_ends
+        for s in range(cfg.keep_ends, cfg.keep_ends + inner - cfg.group_size + 1, cfg.group_size):
+            plan.append((ln, list(range(s, s + cfg.group_size))))  # a trailing remainder < group_size always runs
+    if not plan:
+        sizes = {ln: len(getattr(model, ln)) for ln in lists}
+        raise ValueError(f"add_mob: {type(model).__name__} blocks {sizes} minus 2*keep_ends={2 * cfg.keep_ends} "
+                         f"leave no group of group_size={cfg.group_size}")
+    for ln, idx in plan:  # validate every block before wrapping any
+        for i in idx:
+            _block_spec(getattr(model, ln)[i], f"{ln}.{i}")
+    param = next(model.parameters())
+    routers = nn.ModuleList()
+    for ln, idx in plan:
+        blocks = getattr(model, ln)
+        names = [f"{ln}.{i}" for i in idx]
+        first = blocks[idx[0]]
+        r = MoBRouter(_block_spec(first, names[0]).cond_dim(first), names, cfg.top_k).to(param.device, param.dtype)
+        for j, i in enumerate(idx):
+            blocks[i] = MoBBlock(blocks[i], r, j, names[j])
+        routers.append(r)
+    model.mob_routers = routers
+    model.mob_config = cfg
+    return list(routers)
+
+
 def set_all_active(model: nn.Module, active: bool = True) -> dict:
     """Set every MoE router's ``k`` to all experts and every MoB group's ``k`` to all blocks (or restore).
 
@@ -646,6 +852,9 @@ def set_all_active(model: nn.Module, active: bool = True) -> dict:
         elif isinstance(m, MoBGroup):
             prev[m] = m.k
             m.k = len(m.blocks)
+        elif isinstance(m, MoBRouter):
+            prev[m] = m.k
+            m.k = len(m.block_names)
     return prev
 
 
@@ -653,32 +862,48 @@ def set_all_active(model: nn.Module, active: bool = True) -> dict:
 def clear_aux_losses(model: nn.Module) -> None:
     """Forget the routers' auxiliary losses (call before a forward: MoB may skip a block's MoE)."""
     for m in model.modules():
-        if isinstance(m, (MoE, MoBGroup)):
+        if isinstance(m, (MoE, MoBGroup, MoBRouter)):
             m.aux_loss = None
 
 
 def load_balance_loss(model: nn.Module) -> Tensor:
     """Mean Switch load-balancing loss over every MoE and MoB router run since :func:`clear_aux_losses` (1 = balanced)."""
-    losses = [m.aux_loss for m in model.modules() if isinstance(m, (MoE, MoBGroup)) and m.aux_loss is not None]
+    losses = [m.aux_loss for m in model.modules() if isinstance(m, (MoE, MoBGroup, MoBRouter)) and m.aux_loss is not None]
     if not losses:
         return torch.zeros(())
     return torch.stack([l.float() for l in losses]).mean()
 
 
+def _feature(out) -> Tensor:
+    """A block's output as one ``[B, N, C]`` tensor (FLUX's ``(encoder_hidden_states, hidden_states)`` concatenated on tokens)."""
+    return torch.cat(list(out), 1) if isinstance(out, (tuple, list)) else out
+
+
 class group_features:
-    """Context manager capturing block-group outputs: the student's after each :class:`MoBGroup`, the
-    teacher's after the same original block index.
+    """Context manager capturing block-group outputs: the student's after each MoB group, the
+    teacher's after the same original block.
 
     ``with group_features(student, teacher) as feats: ...`` then ``feats.student``/``feats.teacher``
-    are lists of ``[B, N, C]`` tensors in group order.
+    are lists of ``[B, N, C]`` tensors in group order. Our DiT (:class:`MoBGroup` s) and diffusers
+    transformers (:class:`MoBRouter` groups; the teacher's block of the same qualified name; FLUX's
+    two streams concatenated on the token axis).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module):
-        self.groups = [m for m in student.blocks if isinstance(m, MoBGroup)]
-        if not self.groups:
+        self.student_mods: list[nn.Module] = []
+        self.teacher_mods: list[nn.Module] = []
+        groups = [m for m in getattr(student, "blocks", []) if isinstance(m, MoBGroup)]
+        if groups:
+            self.student_mods = groups
+            self.teacher_mods = [teacher.blocks[g.block_indices[-1]] for g in groups]
+        elif isinstance(getattr(student, "mob_routers", None), nn.ModuleList):
+            for r in student.mob_routers:
+                last = r.block_names[-1]
+                self.student_mods.append(student.get_submodule(last))
+                t = teacher.get_submodule(last)
+                self.teacher_mods.append(t.block if isinstance(t, MoBBlock) else t)
+        if not self.student_mods:
             raise ValueError("group_features: the student has no MoB groups (add_mob first)")
-        self.ends = [g.block_indices[-1] for g in self.groups]
-        self.teacher_blocks = teacher.blocks
         self.student: list[Tensor] = []
         self.teacher: list[Tensor] = []
         self._handles = []
@@ -686,10 +911,10 @@ class group_features:
     def __enter__(self):
         self.student.clear()
         self.teacher.clear()
-        for g in self.groups:
-            self._handles.append(g.register_forward_hook(lambda _m, _a, out: self.student.append(out)))
-        for i in self.ends:
-            self._handles.append(self.teacher_blocks[i].register_forward_hook(lambda _m, _a, out: self.teacher.append(out)))
+        for m in self.student_mods:
+            self._handles.append(m.register_forward_hook(lambda _m, _a, out: self.student.append(_feature(out))))
+        for m in self.teacher_mods:
+            self._handles.append(m.register_forward_hook(lambda _m, _a, out: self.teacher.append(_feature(out))))
         return self
 
     def __exit__(self, *exc):
@@ -743,6 +968,8 @@ def activated_parameters(module: nn.Module) -> float:
     if isinstance(module, MoBGroup):
         blocks = sum(activated_parameters(b) for b in module.blocks) * module.k / len(module.blocks)
         return blocks + sum(p.numel() for p in module.router.parameters())
+    if isinstance(module, MoBBlock):  # its router is counted in model.mob_routers
+        return activated_parameters(module.block) * module.group.k / len(module.group.block_names)
     own = sum(p.numel() for p in module.parameters(recurse=False))
     return own + sum(activated_parameters(c) for c in module.children())
 
@@ -758,6 +985,8 @@ def activated_linear_flops(module: nn.Module) -> float:
         return routed + shared + activated_linear_flops(module.router)
     if isinstance(module, MoBGroup):
         return sum(activated_linear_flops(b) for b in module.blocks) * module.k / len(module.blocks)
+    if isinstance(module, MoBBlock):
+        return activated_linear_flops(module.block) * module.group.k / len(module.group.block_names)
     return sum(activated_linear_flops(c) for c in module.children())
 
 
