@@ -197,3 +197,31 @@ def test_balanced_kmeans_recovers_separated_groups_with_equal_sizes():
     assert torch.equal(torch.cat(groups).sort().values, torch.arange(40))
     unbalanced = torch.cat([centers[0] + 0.1 * torch.randn(30, 16, generator=g), centers[1] + 0.1 * torch.randn(10, 16, generator=g)])
     assert [grp.numel() for grp in d2m._balanced_kmeans(unbalanced, 4, 10, 5, g)] == [10] * 4
+
+
+def test_pruning_at_the_mob_budget_matches_it_and_round_trips(tmp_path):
+    from vision3d.gen.recipe import GenConfig, mob_activated_parameters, prune
+
+    cfg = GenConfig()
+    cfg.dit = DiTConfig(dim=32, depth=6, num_heads=2, image_size=8)
+    teacher = _dit(depth=6)
+    with torch.no_grad():  # make block 2 clearly larger than block 1 and block 3 smaller than block 4
+        for p in teacher.blocks[2].parameters():
+            p.mul_(2.0)
+        for p in teacher.blocks[3].parameters():
+            p.mul_(0.5)
+    target = mob_activated_parameters(teacher, cfg)
+    pruned = prune(teacher, cfg, "mob")
+    assert pruned.pruned_blocks == [0, 2, 4, 5]  # groups (1, 2) and (3, 4): the larger-magnitude block of each
+    act = d2m.activated_parameters(pruned)
+    assert act == sum(p.numel() for p in pruned.parameters())  # static: every parameter runs
+    assert act == pytest.approx(target, rel=0.005)
+    assert act < 0.6 * d2m.activated_parameters(teacher)
+    x, t, y = _inputs()
+    d2m.save_converted(pruned, tmp_path / "p")
+    back = d2m.load_converted(tmp_path / "p")
+    torch.testing.assert_close(back(x, t, y), pruned(x, t, y))
+    shallow = copy.deepcopy(teacher)
+    d2m.prune_blocks_magnitude(shallow, d2m.MoBConfig())
+    with pytest.raises(ValueError, match="outside"):  # below what the attention and embeddings alone take
+        d2m.ffn_fraction_for_budget(shallow, 0.2 * act)

@@ -7,7 +7,10 @@ Rows (all from the same dense teacher):
 - ``moe_kd``: stage 2, output distillation + load balancing;
 - ``pruned_kd``: the teacher's FFNs magnitude-pruned to the MoE's activated FFN fraction, distilled with
   the same budget (the paper's comparison at equal activated parameters);
-- ``moe_mob``: stage 3, Mixture of Blocks + group feature loss on top of ``moe_kd``.
+- ``moe_mob``: stage 3, Mixture of Blocks + group feature loss on top of ``moe_kd``;
+- ``pruned_mob``: the baseline at the MoE+MoB budget: of each MoB group the ``top_k`` blocks of largest
+  weight magnitude kept, the FFNs magnitude-pruned to the rest of the budget, distilled (output KD) for
+  ``kd + mob`` steps, as many as ``moe_mob`` got.
 
 Columns: activated / total parameters (and the activated ratio to dense), the held-out flow-matching
 (denoising) loss, and the sample-quality proxy: accuracy of a classifier trained here on real
@@ -109,6 +112,14 @@ def main(argv=None) -> int:
     mob, mob_hist = distill(copy.deepcopy(moe), teacher, cfg, "mob")
     times["mob"] = time.time() - t0
     rows["moe_mob"] = evaluate(mob, cfg, clf)
+    # the baseline at the MoE+MoB budget: blocks and FFNs magnitude-pruned, distilled for as many steps as
+    # the MoE+MoB model got in total (kd + mob)
+    t0 = time.time()
+    pm_cfg = copy.deepcopy(cfg)
+    pm_cfg.kd.optim.steps = cfg.kd.optim.steps + cfg.mob_stage.optim.steps
+    pruned_mob, pm_hist = distill(prune(teacher, cfg, "mob"), teacher, pm_cfg, "kd")
+    times["pruned_mob"] = time.time() - t0
+    rows["pruned_mob"] = evaluate(pruned_mob, cfg, clf)
 
     dense_act = rows["dense"]["activated_params"]
     print(f"classifier accuracy on real held-out images: {clf_acc:.3f}")
@@ -123,10 +134,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     result = {
         "config": args.preset, "quick": args.quick, "classifier_real_accuracy": clf_acc, "rows": rows, "seconds": times,
-        "history": {"dense": dense_hist, "kd": kd_hist, "pruned_kd": pr_hist, "mob": mob_hist},
+        "history": {"dense": dense_hist, "kd": kd_hist, "pruned_kd": pr_hist, "mob": mob_hist, "pruned_mob": pm_hist},
+        "pruned_mob_blocks": pruned_mob.pruned_blocks, "pruned_mob_ffn_fraction": pruned_mob.pruned_fraction,
     }
     write_text_atomic(out, json.dumps(result, indent=1))
-    for name, model in (("dense", teacher), ("moe_kd", moe), ("pruned_kd", pruned), ("moe_mob", mob)):
+    for name, model in (("dense", teacher), ("moe_kd", moe), ("pruned_kd", pruned), ("moe_mob", mob), ("pruned_mob", pruned_mob)):
         cfg.sample.num = 4 * cfg.dit.num_classes
         imgs, _ = draw_samples(model, cfg)
         order = torch.arange(imgs.shape[0]).reshape(4, cfg.dit.num_classes).T.reshape(-1)  # one row per class

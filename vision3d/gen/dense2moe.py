@@ -88,6 +88,8 @@ __all__ = [
     "group_features",
     "group_feature_loss",
     "prune_ffns_magnitude",
+    "prune_blocks_magnitude",
+    "ffn_fraction_for_budget",
     "activated_parameters",
     "activated_linear_flops",
     "save_converted",
@@ -957,6 +959,75 @@ def prune_ffns_magnitude(model: nn.Module, keep_fraction: float, names: Optional
     return out
 
 
+def _mob_plan(D: int, cfg: MoBConfig, who: str) -> list[list[int]]:
+    """Block indices of each MoB group of a ``D``-block list (the same grouping as :func:`add_mob` on our DiT)."""
+    if cfg.group_size < 2 or not 1 <= cfg.top_k < cfg.group_size:
+        raise ValueError(f"{who}: need group_size >= 2 and 1 <= top_k < group_size, got {cfg.group_size}, {cfg.top_k}")
+    inner = D - 2 * cfg.keep_ends
+    if inner < cfg.group_size or inner % cfg.group_size:
+        raise ValueError(f"{who}: {D} blocks minus 2*keep_ends={2 * cfg.keep_ends} leaves {inner}, "
+                         f"not a positive multiple of group_size={cfg.group_size}")
+    return [list(range(s, s + cfg.group_size)) for s in range(cfg.keep_ends, D - cfg.keep_ends, cfg.group_size)]
+
+
+def prune_blocks_magnitude(model: nn.Module, cfg: Optional[MoBConfig] = None, keep: Optional[Sequence[int]] = None) -> list[int]:
+    """Static depth pruning of our DiT at the MoB budget: of each MoB group keep the ``top_k`` blocks of largest
+    weight magnitude (L2 norm of all the block's parameters), drop the others, in place.
+
+    Every sample then runs the same ``top_k`` blocks per group, the number MoB runs per sample: the
+    block half of the pruning baseline at the MoE+MoB activated parameters. ``keep`` (original indices)
+    rebuilds a saved structure. Returns the kept original indices (also ``model.pruned_blocks``).
+    """
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or not hasattr(model, "condition"):
+        raise TypeError(f"prune_blocks_magnitude: {type(model).__name__} is not a vision3d DiT (needs .blocks and .condition)")
+    if hasattr(model, "pruned_blocks") or any(isinstance(b, MoBGroup) for b in blocks):
+        raise ValueError("prune_blocks_magnitude: the model's blocks are already pruned or grouped")
+    D = len(blocks)
+    if keep is None:
+        cfg = cfg or MoBConfig()
+        drop = set()
+        for idx in _mob_plan(D, cfg, "prune_blocks_magnitude"):
+            score = torch.stack([torch.sqrt(sum(p.detach().float().square().sum() for p in blocks[i].parameters()))
+                                 for i in idx])
+            kept = set(idx[j] for j in torch.argsort(score, descending=True)[: cfg.top_k].tolist())
+            drop |= set(idx) - kept
+        keep = [i for i in range(D) if i not in drop]
+    keep = [int(i) for i in keep]
+    if not keep or any(not 0 <= i < D for i in keep) or sorted(set(keep)) != keep:
+        raise ValueError(f"prune_blocks_magnitude: kept block indices {keep} must be increasing, distinct, in [0, {D})")
+    model.blocks = nn.ModuleList([blocks[i] for i in keep])
+    model.pruned_blocks = keep
+    return keep
+
+
+def ffn_fraction_for_budget(model: nn.Module, target: float, names: Optional[Sequence[str]] = None) -> float:
+    """The ``keep_fraction`` for :func:`prune_ffns_magnitude` that brings ``model``'s activated parameters to ``target``.
+
+    A kept neuron costs its input row (+ bias) and output column; the output bias stays. Raises
+    ``ValueError`` when even one neuron per FFN, or every neuron, misses the target.
+    """
+    ffns = find_ffns(model, names)
+    total = activated_parameters(model)
+    ffn_params = sum(activated_parameters(m) for m in ffns.values())
+    per_neuron, fixed, hidden = 0.0, 0.0, []
+    for n, m in ffns.items():
+        w = module_ffn_weights(m, n)
+        cost = w.in_weight.shape[1] + (w.in_bias is not None) + w.out_weight.shape[0]
+        if w.value_weight is not None:
+            cost += w.value_weight.shape[1] + (w.value_bias is not None)
+        per_neuron += cost * w.hidden
+        fixed += w.out_weight.shape[0] if w.out_bias is not None else 0
+        hidden.append(w.hidden)
+    rest = total - ffn_params
+    f = (target - rest - fixed) / per_neuron
+    lo = 1.0 / min(hidden)
+    if not lo <= f <= 1.0:
+        raise ValueError(f"ffn_fraction_for_budget: target {target:.0f} activated parameters needs FFN keep fraction "
+                         f"{f:.4f}, outside [{lo:.4f}, 1] (non-FFN parameters {rest:.0f}, FFN {ffn_params:.0f})")
+    return float(f)
+
+
 # ------------------------------------------------------------------------------------------------ accounting
 def activated_parameters(module: nn.Module) -> float:
     """Parameters one token (one sample, for MoB) uses: routed experts count ``k/E``, MoB blocks ``k/G``."""
@@ -997,6 +1068,8 @@ def _structure(model: nn.Module) -> dict:
         d["dense2moe"] = asdict(model.dense2moe_config)
     if hasattr(model, "mob_config"):
         d["mob"] = asdict(model.mob_config)
+    if hasattr(model, "pruned_blocks"):
+        d["pruned_blocks"] = list(model.pruned_blocks)
     if hasattr(model, "pruned_fraction"):
         d["pruned_fraction"] = model.pruned_fraction
     return d
@@ -1024,6 +1097,8 @@ def save_converted(model: nn.Module, folder: str | Path) -> Path:
 
 
 def _rebuild(model: nn.Module, structure: dict) -> nn.Module:
+    if "pruned_blocks" in structure:
+        prune_blocks_magnitude(model, keep=structure["pruned_blocks"])
     if "pruned_fraction" in structure:
         prune_ffns_magnitude(model, structure["pruned_fraction"])
         model.pruned_fraction = structure["pruned_fraction"]
