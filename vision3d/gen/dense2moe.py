@@ -74,6 +74,7 @@ __all__ = [
     "MoBConfig",
     "find_ffns",
     "calibrate",
+    "calibration_bytes",
     "FFNStats",
     "convert_ffn",
     "FusedMLPOut",
@@ -118,6 +119,9 @@ class Dense2MoEConfig:
     """Balanced k-means iterations."""
     calib_tokens: int = 4096
     """Tokens per FFN kept for clustering and router fitting (random subset of the calibration)."""
+    calib_budget_mb: float = 1024.0
+    """Bound on the calibration statistics held at once (:func:`calibration_bytes` per FFN): FFNs are
+    calibrated in passes of as many as fit (at least one per pass); 0: all FFNs in one pass."""
     ffn_names: Optional[tuple[str, ...]] = None
     """Qualified module names to convert (default: every FFN :func:`find_ffns` finds)."""
 
@@ -298,6 +302,18 @@ class FFNStats:
     activations: Tensor
 
 
+def _token_keys_seed(seed: int, name: str) -> int:
+    """A per-FFN seed for the token subset: the same tokens are kept whichever FFNs share a calibration pass."""
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def calibration_bytes(hidden: int, in_dim: int, max_tokens: int) -> int:
+    """Bytes :func:`calibrate` keeps for one FFN: ``max_tokens`` rows of inputs, scores and activations (float32)."""
+    return 4 * (max_tokens * (in_dim + 2 * hidden + 1) + hidden)
+
+
 def calibrate(
     model: nn.Module,
     loss_fn: Callable[[nn.Module, object], Tensor],
@@ -311,9 +327,18 @@ def calibrate(
 
     Only the hidden activations are differentiated (``torch.autograd.grad``): the parameters'
     ``.grad`` and ``requires_grad`` are left as they were.
+
+    Memory is bounded: the importance is a running sum, and the token subset is a reservoir (each
+    token gets a random key from a per-FFN generator; the ``max_tokens`` smallest keys seen so far are
+    kept), so an FFN holds at most ``max_tokens`` rows (:func:`calibration_bytes`) however many batches
+    there are, and it is a uniform random subset of all calibration tokens. To bound the total,
+    calibrate a few FFNs per pass (:func:`dense_to_moe` does, under ``Dense2MoEConfig.calib_budget_mb``).
     """
-    g = torch.Generator().manual_seed(seed)
-    acc: dict[str, dict] = {n: {"imp": None, "x": [], "s": [], "h": []} for n in ffns}
+    acc: dict[str, dict] = {
+        n: {"imp": None, "keys": None, "x": None, "s": None, "h": None,
+            "g": torch.Generator().manual_seed(_token_keys_seed(seed, n))}
+        for n in ffns
+    }
     current: dict[str, dict] = {}
     handles = []
 
@@ -331,6 +356,23 @@ def calibrate(
         def hook(_m, _args, out):
             current.setdefault(name, {})["h"] = out
         return hook
+
+    def keep_tokens(a: dict, x: Tensor, prod: Tensor, h: Tensor) -> None:
+        keys = torch.rand(x.shape[0], generator=a["g"])
+        if a["keys"] is not None and a["keys"].numel() >= max_tokens:  # full: only keys below the current max compete
+            new = torch.nonzero(keys < a["keys"].max()).flatten()
+        else:
+            new = torch.arange(x.shape[0])
+        if new.numel() == 0:
+            return
+        parts = [(keys[new], x[new], prod[new].abs(), h[new])]
+        if a["keys"] is not None:
+            parts.insert(0, (a["keys"], a["x"], a["s"], a["h"]))
+        k, xx, ss, hh = (torch.cat(t) for t in zip(*parts))
+        if k.numel() > max_tokens:
+            sel = torch.topk(k, max_tokens, largest=False).indices
+            k, xx, ss, hh = k[sel], xx[sel], ss[sel], hh[sel]
+        a["keys"], a["x"], a["s"], a["h"] = k, xx, ss, hh
 
     for n, m in ffns.items():
         x_mod, h_mod, h_is_output = _probes(m)
@@ -353,14 +395,13 @@ def calibrate(
                 grad = torch.zeros_like(h) if grad is None else grad
                 H = h.shape[-1]
                 prod = (h * grad).reshape(-1, H).float()
-                imp = prod.sum(0).abs()
                 a = acc[n]
+                imp = prod.sum(0).abs()
                 a["imp"] = imp if a["imp"] is None else a["imp"] + imp
                 x = current[n]["x"].reshape(-1, current[n]["x"].shape[-1]).float()
-                keep = torch.randperm(x.shape[0], generator=g)[: max_tokens]
-                a["x"].append(x[keep])
-                a["s"].append(prod.abs()[keep])
-                a["h"].append(h.reshape(-1, H).float()[keep])
+                keep_tokens(a, x, prod, h.reshape(-1, H).float())
+            current.clear()
+            del loss, grads
     finally:
         for hd in handles:
             hd.remove()
@@ -371,9 +412,8 @@ def calibrate(
     for n, a in acc.items():
         if a["imp"] is None:
             raise ValueError(f"calibrate: FFN {n} was never called by loss_fn on the calibration batches")
-        x, s, h = torch.cat(a["x"]), torch.cat(a["s"]), torch.cat(a["h"])
-        keep = torch.randperm(x.shape[0], generator=g)[:max_tokens]
-        out[n] = FFNStats(a["imp"], x[keep], s[keep], h[keep])
+        order = torch.argsort(a["keys"])  # a fixed order (by key), independent of the batch order of arrival
+        out[n] = FFNStats(a["imp"], a["x"][order], a["s"][order], a["h"][order])
     return out
 
 
@@ -519,22 +559,43 @@ def dense_to_moe(
     for n, m in ffns.items():  # validate every FFN before touching any (no half-converted model)
         _check_split(cfg, module_ffn_weights(m, n).hidden, n)
     needs_stats = cfg.assignment != "contiguous" or cfg.router_init == "taylor"
-    stats: dict[str, FFNStats] = {}
-    if needs_stats:
-        if loss_fn is None or calibration is None:
-            raise ValueError(
-                f"dense_to_moe: assignment={cfg.assignment!r}, router_init={cfg.router_init!r} need calibration "
-                "(loss_fn and calibration batches); or use assignment='contiguous', router_init='random'"
-            )
-        stats = calibrate(model, loss_fn, calibration, ffns, max_tokens=cfg.calib_tokens, seed=seed)
-    out = {}
-    for i, (n, m) in enumerate(ffns.items()):
-        moe = convert_ffn(m, cfg, stats.get(n), n, seed + i)
-        if _is_flux_single(m):
-            _install_fused(m, moe)
-        else:
-            _set_module(model, n, moe)
-        out[n] = moe
+    if needs_stats and (loss_fn is None or calibration is None):
+        raise ValueError(
+            f"dense_to_moe: assignment={cfg.assignment!r}, router_init={cfg.router_init!r} need calibration "
+            "(loss_fn and calibration batches); or use assignment='contiguous', router_init='random'"
+        )
+    passes = [list(ffns)]
+    if needs_stats and cfg.calib_budget_mb > 0:
+        passes, size = [[]], 0
+        for n, m in ffns.items():
+            w = module_ffn_weights(m, n)
+            b = calibration_bytes(w.hidden, w.in_weight.shape[1], cfg.calib_tokens)
+            if passes[-1] and size + b > cfg.calib_budget_mb * 2**20:
+                passes.append([])
+                size = 0
+            passes[-1].append(n)
+            size += b
+    if len(passes) > 1:
+        calibration = list(calibration)  # iterated once per pass
+    order = {n: i for i, n in enumerate(ffns)}
+    out, restore = {}, {}
+    for names in passes:
+        stats: dict[str, FFNStats] = {}
+        if needs_stats:  # earlier passes' MoEs run with every expert active: the dense function
+            stats = calibrate(model, loss_fn, calibration, {n: ffns[n] for n in names},
+                              max_tokens=cfg.calib_tokens, seed=seed)
+        for n in names:
+            m = ffns[n]
+            moe = convert_ffn(m, cfg, stats.pop(n, None), n, seed + order[n])
+            if _is_flux_single(m):
+                _install_fused(m, moe)
+            else:
+                _set_module(model, n, moe)
+            out[n] = moe
+            restore[moe.router] = moe.router.k
+            moe.router.k = moe.router.num_experts
+    for router, k in restore.items():
+        router.k = k
     model.dense2moe_config = cfg
     return out
 
