@@ -51,6 +51,69 @@ from pathlib import Path
 import torch
 
 
+def _calib_worker(variant: str, reference: str, dim: int, depth: int, batches: int, budget_mb: float) -> dict:
+    """One calibration + conversion in this (fresh) process; peak RSS growth over the model and one backward."""
+    import importlib.util
+    import resource
+
+    from vision3d.gen import dense2moe as d2m
+    from vision3d.gen.dit import DiT, DiTConfig, procedural_shapes
+    from vision3d.gen.recipe import calibration_loss
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(image_size=16, patch_size=2, dim=dim, depth=depth, num_heads=4)).eval()
+    x, y = procedural_shapes(32 * batches, size=16, seed=0)
+    calib = [(x[i * 32 : (i + 1) * 32], y[i * 32 : (i + 1) * 32]) for i in range(batches)]
+    calibration_loss(model, calib[0]).backward()  # the autograd graph of one batch is in the baseline
+    model.zero_grad(set_to_none=True)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mod = d2m
+    if variant == "before":
+        spec = importlib.util.spec_from_file_location("dense2moe_before", reference)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up
+        spec.loader.exec_module(mod)
+        cfg = mod.Dense2MoEConfig()
+    else:
+        cfg = d2m.Dense2MoEConfig(calib_budget_mb=0 if variant == "one_pass" else budget_mb)
+    t0 = time.time()
+    mod.dense_to_moe(model, cfg, loss_fn=calibration_loss, calibration=calib)
+    seconds = time.time() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    H, C = 4 * dim, dim
+    return {"variant": variant, "peak_growth_mb": (peak - base) / 1024, "seconds": seconds,
+            "stats_mb_per_ffn": d2m.calibration_bytes(H, C, cfg.calib_tokens) / 2**20}
+
+
+def calib_memory(args) -> int:
+    """Peak memory of Taylor calibration + conversion: the previous code (``--reference``) vs now, in fresh processes."""
+    import subprocess
+
+    from vision3d.utils.io import write_text_atomic
+
+    variants = (["before"] if args.reference else []) + ["one_pass", "budget"]
+    rows = []
+    for v in variants:
+        code = (f"import json, sys; sys.argv = ['x']; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                f"import dense2moe as b; print(json.dumps(b._calib_worker({v!r}, {args.reference!r}, {args.calib_dim}, "
+                f"{args.calib_depth}, {args.calib_batches}, {args.calib_budget_mb})))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if out.returncode:
+            sys.stderr.write(out.stderr)
+            raise SystemExit(f"calibration worker {v!r} failed (exit {out.returncode})")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"DiT dim {args.calib_dim} depth {args.calib_depth}, {args.calib_batches} calibration batches of 32 x 64 "
+          f"tokens, calib_tokens 4096, budget {args.calib_budget_mb} MB")
+    print(f"{'variant':<10} {'peak growth MB':>15} {'seconds':>8}")
+    for r in rows:
+        print(f"{r['variant']:<10} {r['peak_growth_mb']:>15.1f} {r['seconds']:>8.1f}")
+    print(f"statistics per FFN now: {rows[-1]['stats_mb_per_ffn']:.1f} MB")
+    write_text_atomic(Path(args.out), json.dumps({"rows": rows, "args": vars(args)}, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default=str(Path(__file__).resolve().parents[2] / "configs/gen/dense2moe.yaml"))
@@ -59,7 +122,16 @@ def main(argv=None) -> int:
     ap.add_argument("--classifier-steps", type=int, default=300)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a preset field, e.g. --set train.steps=400 --set dit.dim=48 (YAML values)")
+    ap.add_argument("--calib-memory", action="store_true",
+                    help="measure the peak memory of calibration + conversion instead (see --reference)")
+    ap.add_argument("--reference", default="", help="with --calib-memory: a previous dense2moe.py to compare with")
+    ap.add_argument("--calib-dim", type=int, default=256)
+    ap.add_argument("--calib-depth", type=int, default=8)
+    ap.add_argument("--calib-batches", type=int, default=8)
+    ap.add_argument("--calib-budget-mb", type=float, default=64.0)
     args = ap.parse_args(argv)
+    if args.calib_memory:
+        return calib_memory(args)
 
     from vision3d.gen.quality import train_classifier
     from vision3d.gen.recipe import convert, distill, evaluate, load_gen_config, prune, sample_grid, train_dense, draw_samples

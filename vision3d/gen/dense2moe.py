@@ -42,8 +42,21 @@ Works on our :class:`vision3d.gen.dit.DiT` and in place on diffusers transformer
 (``FluxTransformer2DModel``'s double-stream ``ff``/``ff_context`` and the MLP fused into each
 single-stream block's ``proj_out``, see :class:`FusedMLPOut`; ``PixArtTransformer2DModel`` and
 ``DiTTransformer2DModel``'s ``BasicTransformerBlock.ff``), which keep running in their diffusers
-pipelines (module replacement only, no forward is patched). MoB is implemented for our DiT
-(diffusers blocks take model-specific keyword arguments).
+pipelines (module replacement only, no forward is patched).
+
+MoB on diffusers transformers (FLUX's ``transformer_blocks`` and ``single_transformer_blocks``, each
+grouped on its own; PixArt's and DiT's ``transformer_blocks``): each grouped block is wrapped in a
+:class:`MoBBlock` that takes the block's own arguments (keyword or positional, as under gradient
+checkpointing), runs the block on the samples its group router picked and hands the others their
+inputs back in the block's return form (FLUX: ``(encoder_hidden_states, hidden_states)``). The router
+reads the per-sample conditioning the block already gets: FLUX's ``temb`` (timestep + guidance +
+pooled text), PixArt's adaLN-single ``timestep`` embedding, DiT's timestep + class embedding. The
+block lists keep their length, so the model's forward is unchanged. Only ``DiTPipeline`` can be
+built offline here (FLUX's and PixArt's pipelines need ``transformers`` text encoders); the FLUX and
+PixArt paths are tested on the transformer.
+
+Calibration memory is bounded (:func:`calibrate`): a running importance sum and a per-FFN reservoir of
+``calib_tokens`` rows, FFNs calibrated in passes under ``calib_budget_mb``.
 """
 
 from __future__ import annotations
