@@ -37,6 +37,29 @@ are within noise of each other (0.194 vs 0.187), so the paper's advantage of MoE
 not reproduced at this scale and budget. The teacher is undertrained (samples are coloured blobs,
 class accuracy 0.38), so the sample proxy separates little; MoB (51% activated) costs the most.
 A shrunk run (dim 48, 400 dense / 120 + 120 distillation steps) gave the same ordering.
+
+Longer-trained teacher, with the baseline at the MoE+MoB budget (``pruned_mob``: blocks 2 and 4
+kept of the groups (1, 2), (3, 4); FFNs at 39% of their neurons), measured 2026-12-03 with
+``--set train.steps=2000`` (24 min wall on the loaded machine, 15 CPU-min)::
+
+    model       activated     total act/dense  denoise    acc      FD
+    dense          466.7k    466.7k     1.000   0.1467  0.570 320.736
+    moe_init       345.5k    469.4k     0.740   0.2638  0.504 258.784
+    moe_kd         345.5k    469.4k     0.740   0.1614  0.551 322.867
+    pruned_kd      342.9k    342.9k     0.735   0.1548  0.559 321.481
+    moe_mob        236.8k    469.6k     0.507   0.1957  0.473 402.329
+    pruned_mob     236.8k    236.8k     0.507   0.1844  0.406 391.262
+
+Reading: the teacher is better (denoise 0.147, class accuracy 0.57 against 0.25 chance). At the
+MoE budget pruning is again slightly ahead on the denoising loss (0.155 vs 0.161) with the same
+sample accuracy; at the MoE+MoB budget pruning keeps the lower denoising loss (0.184 vs 0.196) but
+its samples are recognised less often (0.41 vs 0.47 class accuracy) — one run, one seed, 256
+samples (a 0.06 accuracy gap is about two standard errors), so not conclusive either way.
+
+``--calib-memory`` measures calibration + conversion peak memory (RSS growth over the model and one
+backward, fresh process per variant; DiT dim 256, depth 8, 8 batches of 2048 tokens, calib_tokens
+4096), previous code (``--reference`` a copy of the old dense2moe.py) vs now; see the module
+docstring of vision3d/gen/dense2moe.py for the numbers.
 """
 
 from __future__ import annotations
