@@ -57,7 +57,8 @@ PixArt paths are tested on the transformer.
 
 Calibration memory is bounded (:func:`calibrate`): a running importance sum and a per-FFN reservoir of
 ``calib_tokens`` rows; FFNs calibrated in passes under ``calib_budget_mb`` (each pass on the
-dense model; the MoEs, which hold the FFN weights a second time until then, are installed after the last pass). Measured with
+dense model; the MoEs, which hold the FFN weights a second time until then, are installed after
+the last pass). Measured with
 ``tools/bench/dense2moe.py --calib-memory`` (DiT dim 256, depth 8, 8 batches of 2048 tokens,
 calib_tokens 4096; peak RSS growth of calibration + conversion, one thread, 2026-12-03)::
 
