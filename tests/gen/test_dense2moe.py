@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -197,3 +198,58 @@ def test_balanced_kmeans_recovers_separated_groups_with_equal_sizes():
     assert torch.equal(torch.cat(groups).sort().values, torch.arange(40))
     unbalanced = torch.cat([centers[0] + 0.1 * torch.randn(30, 16, generator=g), centers[1] + 0.1 * torch.randn(10, 16, generator=g)])
     assert [grp.numel() for grp in d2m._balanced_kmeans(unbalanced, 4, 10, 5, g)] == [10] * 4
+
+
+def test_pruning_at_the_mob_budget_matches_it_and_round_trips(tmp_path):
+    from vision3d.gen.recipe import GenConfig, mob_activated_parameters, prune
+
+    cfg = GenConfig()
+    cfg.dit = DiTConfig(dim=32, depth=6, num_heads=2, image_size=8)
+    teacher = _dit(depth=6)
+    with torch.no_grad():  # make block 2 clearly larger than block 1 and block 3 smaller than block 4
+        for p in teacher.blocks[2].parameters():
+            p.mul_(2.0)
+        for p in teacher.blocks[3].parameters():
+            p.mul_(0.5)
+    target = mob_activated_parameters(teacher, cfg)
+    pruned = prune(teacher, cfg, "mob")
+    assert pruned.pruned_blocks == [0, 2, 4, 5]  # groups (1, 2) and (3, 4): the larger-magnitude block of each
+    act = d2m.activated_parameters(pruned)
+    assert act == sum(p.numel() for p in pruned.parameters())  # static: every parameter runs
+    assert act == pytest.approx(target, rel=0.005)
+    assert act < 0.6 * d2m.activated_parameters(teacher)
+    x, t, y = _inputs()
+    d2m.save_converted(pruned, tmp_path / "p")
+    back = d2m.load_converted(tmp_path / "p")
+    torch.testing.assert_close(back(x, t, y), pruned(x, t, y))
+    shallow = copy.deepcopy(teacher)
+    d2m.prune_blocks_magnitude(shallow, d2m.MoBConfig())
+    with pytest.raises(ValueError, match="outside"):  # below what the attention and embeddings alone take
+        d2m.ffn_fraction_for_budget(shallow, 0.2 * act)
+
+
+def test_calibration_is_bounded_and_does_not_depend_on_the_passes():
+    model = _dit(depth=3)
+    loss, batches = _calib()  # 2 batches x 8 images x 16 tokens = 256 tokens per FFN
+    ffns = d2m.find_ffns(model)
+    both = d2m.calibrate(model, loss, batches, ffns, max_tokens=100)
+    alone = d2m.calibrate(model, loss, batches, {"blocks.1.mlp": ffns["blocks.1.mlp"]}, max_tokens=100)["blocks.1.mlp"]
+    s = both["blocks.1.mlp"]
+    assert s.inputs.shape == (100, 32) and s.scores.shape == s.activations.shape == (100, 128)
+    assert torch.equal(s.inputs, alone.inputs) and torch.equal(s.importance, alone.importance)  # same tokens kept
+    # the kept rows are real calibration tokens: each input row occurs among the FFN's inputs
+    seen = []
+    hook = ffns["blocks.1.mlp"].register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().reshape(-1, 32)))
+    for b in batches:
+        loss(model, b)
+    hook.remove()
+    every = torch.cat(seen)
+    assert bool((torch.cdist(s.inputs, every, compute_mode="donot_use_mm_for_euclid_dist").min(1).values < 1e-5).all())
+    # conversion in one pass per FFN (a tiny memory budget) equals conversion in a single pass
+    one, many = copy.deepcopy(model), copy.deepcopy(model)
+    cfg = d2m.Dense2MoEConfig(num_slices=4, num_shared=1, top_k=1, calib_tokens=100)
+    d2m.dense_to_moe(one, dataclasses.replace(cfg, calib_budget_mb=0), loss_fn=loss, calibration=batches)
+    d2m.dense_to_moe(many, dataclasses.replace(cfg, calib_budget_mb=1e-6), loss_fn=loss, calibration=iter(batches))
+    x, t, y = _inputs()
+    torch.testing.assert_close(many(x, t, y), one(x, t, y), rtol=1e-5, atol=1e-5)
+    assert all(m.router.k == 1 for m in many.modules() if isinstance(m, MoE))  # top-k restored after the passes

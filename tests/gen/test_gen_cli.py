@@ -27,7 +27,7 @@ def _metrics(run):
 
 
 def test_gen_commands_end_to_end(tmp_path):
-    dense, moe, pruned, kd, mob = (tmp_path / n for n in ("dense", "moe", "pruned", "kd", "mob"))
+    dense, moe, pruned, kd, mob, pruned_mob = (tmp_path / n for n in ("dense", "moe", "pruned", "kd", "mob", "pruned_mob"))
     assert main(["gen", "train", "--out", str(dense), *TINY]) == 0
     for f in ("config.yaml", "metrics.json", "samples.png", "model/model.safetensors", "model/config.json"):
         assert (dense / f).exists(), f
@@ -53,6 +53,9 @@ def test_gen_commands_end_to_end(tmp_path):
     m_mob = _metrics(mob)
     assert m_mob["activated_params"] < _metrics(kd)["activated_params"]
     assert "group_feature" in m_mob["train"][-1]
+    assert main(["gen", "convert", "--teacher", str(dense), "--out", str(pruned_mob), "--method", "prune", "--budget", "mob"]) == 0
+    m_pm = _metrics(pruned_mob)
+    assert m_pm["total_params"] == pytest.approx(m_mob["activated_params"], rel=0.01)  # the MoE+MoB budget
 
     grid = tmp_path / "grid.png"
     assert main(["gen", "sample", "--model", str(mob), "--out", str(grid), "--per-class", "2", "--steps", "3"]) == 0

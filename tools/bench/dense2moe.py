@@ -7,7 +7,10 @@ Rows (all from the same dense teacher):
 - ``moe_kd``: stage 2, output distillation + load balancing;
 - ``pruned_kd``: the teacher's FFNs magnitude-pruned to the MoE's activated FFN fraction, distilled with
   the same budget (the paper's comparison at equal activated parameters);
-- ``moe_mob``: stage 3, Mixture of Blocks + group feature loss on top of ``moe_kd``.
+- ``moe_mob``: stage 3, Mixture of Blocks + group feature loss on top of ``moe_kd``;
+- ``pruned_mob``: the baseline at the MoE+MoB budget: of each MoB group the ``top_k`` blocks of largest
+  weight magnitude kept, the FFNs magnitude-pruned to the rest of the budget, distilled (output KD) for
+  ``kd + mob`` steps, as many as ``moe_mob`` got.
 
 Columns: activated / total parameters (and the activated ratio to dense), the held-out flow-matching
 (denoising) loss, and the sample-quality proxy: accuracy of a classifier trained here on real
@@ -34,6 +37,29 @@ are within noise of each other (0.194 vs 0.187), so the paper's advantage of MoE
 not reproduced at this scale and budget. The teacher is undertrained (samples are coloured blobs,
 class accuracy 0.38), so the sample proxy separates little; MoB (51% activated) costs the most.
 A shrunk run (dim 48, 400 dense / 120 + 120 distillation steps) gave the same ordering.
+
+Longer-trained teacher, with the baseline at the MoE+MoB budget (``pruned_mob``: blocks 2 and 4
+kept of the groups (1, 2), (3, 4); FFNs at 39% of their neurons), measured 2026-12-03 with
+``--set train.steps=2000`` (24 min wall on the loaded machine, 15 CPU-min)::
+
+    model       activated     total act/dense  denoise    acc      FD
+    dense          466.7k    466.7k     1.000   0.1467  0.570 320.736
+    moe_init       345.5k    469.4k     0.740   0.2638  0.504 258.784
+    moe_kd         345.5k    469.4k     0.740   0.1614  0.551 322.867
+    pruned_kd      342.9k    342.9k     0.735   0.1548  0.559 321.481
+    moe_mob        236.8k    469.6k     0.507   0.1957  0.473 402.329
+    pruned_mob     236.8k    236.8k     0.507   0.1844  0.406 391.262
+
+Reading: the teacher is better (denoise 0.147, class accuracy 0.57 against 0.25 chance). At the
+MoE budget pruning is again slightly ahead on the denoising loss (0.155 vs 0.161) with the same
+sample accuracy; at the MoE+MoB budget pruning keeps the lower denoising loss (0.184 vs 0.196) but
+its samples are recognised less often (0.41 vs 0.47 class accuracy) — one run, one seed, 256
+samples (a 0.06 accuracy gap is about two standard errors), so not conclusive either way.
+
+``--calib-memory`` measures calibration + conversion peak memory (RSS growth over the model and one
+backward, fresh process per variant; DiT dim 256, depth 8, 8 batches of 2048 tokens, calib_tokens
+4096), previous code (``--reference`` a copy of the old dense2moe.py) vs now; see the module
+docstring of vision3d/gen/dense2moe.py for the numbers.
 """
 
 from __future__ import annotations
@@ -48,6 +74,69 @@ from pathlib import Path
 import torch
 
 
+def _calib_worker(variant: str, reference: str, dim: int, depth: int, batches: int, budget_mb: float) -> dict:
+    """One calibration + conversion in this (fresh) process; peak RSS growth over the model and one backward."""
+    import importlib.util
+    import resource
+
+    from vision3d.gen import dense2moe as d2m
+    from vision3d.gen.dit import DiT, DiTConfig, procedural_shapes
+    from vision3d.gen.recipe import calibration_loss
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(image_size=16, patch_size=2, dim=dim, depth=depth, num_heads=4)).eval()
+    x, y = procedural_shapes(32 * batches, size=16, seed=0)
+    calib = [(x[i * 32 : (i + 1) * 32], y[i * 32 : (i + 1) * 32]) for i in range(batches)]
+    calibration_loss(model, calib[0]).backward()  # the autograd graph of one batch is in the baseline
+    model.zero_grad(set_to_none=True)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mod = d2m
+    if variant == "before":
+        spec = importlib.util.spec_from_file_location("dense2moe_before", reference)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up
+        spec.loader.exec_module(mod)
+        cfg = mod.Dense2MoEConfig()
+    else:
+        cfg = d2m.Dense2MoEConfig(calib_budget_mb=0 if variant == "one_pass" else budget_mb)
+    t0 = time.time()
+    mod.dense_to_moe(model, cfg, loss_fn=calibration_loss, calibration=calib)
+    seconds = time.time() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    H, C = 4 * dim, dim
+    return {"variant": variant, "peak_growth_mb": (peak - base) / 1024, "seconds": seconds,
+            "stats_mb_per_ffn": d2m.calibration_bytes(H, C, cfg.calib_tokens) / 2**20}
+
+
+def calib_memory(args) -> int:
+    """Peak memory of Taylor calibration + conversion: the previous code (``--reference``) vs now, in fresh processes."""
+    import subprocess
+
+    from vision3d.utils.io import write_text_atomic
+
+    variants = (["before"] if args.reference else []) + ["one_pass", "budget"]
+    rows = []
+    for v in variants:
+        code = (f"import json, sys; sys.argv = ['x']; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                f"import dense2moe as b; print(json.dumps(b._calib_worker({v!r}, {args.reference!r}, {args.calib_dim}, "
+                f"{args.calib_depth}, {args.calib_batches}, {args.calib_budget_mb})))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if out.returncode:
+            sys.stderr.write(out.stderr)
+            raise SystemExit(f"calibration worker {v!r} failed (exit {out.returncode})")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"DiT dim {args.calib_dim} depth {args.calib_depth}, {args.calib_batches} calibration batches of 32 x 64 "
+          f"tokens, calib_tokens 4096, budget {args.calib_budget_mb} MB")
+    print(f"{'variant':<10} {'peak growth MB':>15} {'seconds':>8}")
+    for r in rows:
+        print(f"{r['variant']:<10} {r['peak_growth_mb']:>15.1f} {r['seconds']:>8.1f}")
+    print(f"statistics per FFN now: {rows[-1]['stats_mb_per_ffn']:.1f} MB")
+    write_text_atomic(Path(args.out), json.dumps({"rows": rows, "args": vars(args)}, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default=str(Path(__file__).resolve().parents[2] / "configs/gen/dense2moe.yaml"))
@@ -56,7 +145,16 @@ def main(argv=None) -> int:
     ap.add_argument("--classifier-steps", type=int, default=300)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a preset field, e.g. --set train.steps=400 --set dit.dim=48 (YAML values)")
+    ap.add_argument("--calib-memory", action="store_true",
+                    help="measure the peak memory of calibration + conversion instead (see --reference)")
+    ap.add_argument("--reference", default="", help="with --calib-memory: a previous dense2moe.py to compare with")
+    ap.add_argument("--calib-dim", type=int, default=256)
+    ap.add_argument("--calib-depth", type=int, default=8)
+    ap.add_argument("--calib-batches", type=int, default=8)
+    ap.add_argument("--calib-budget-mb", type=float, default=64.0)
     args = ap.parse_args(argv)
+    if args.calib_memory:
+        return calib_memory(args)
 
     from vision3d.gen.quality import train_classifier
     from vision3d.gen.recipe import convert, distill, evaluate, load_gen_config, prune, sample_grid, train_dense, draw_samples
@@ -109,6 +207,14 @@ def main(argv=None) -> int:
     mob, mob_hist = distill(copy.deepcopy(moe), teacher, cfg, "mob")
     times["mob"] = time.time() - t0
     rows["moe_mob"] = evaluate(mob, cfg, clf)
+    # the baseline at the MoE+MoB budget: blocks and FFNs magnitude-pruned, distilled for as many steps as
+    # the MoE+MoB model got in total (kd + mob)
+    t0 = time.time()
+    pm_cfg = copy.deepcopy(cfg)
+    pm_cfg.kd.optim.steps = cfg.kd.optim.steps + cfg.mob_stage.optim.steps
+    pruned_mob, pm_hist = distill(prune(teacher, cfg, "mob"), teacher, pm_cfg, "kd")
+    times["pruned_mob"] = time.time() - t0
+    rows["pruned_mob"] = evaluate(pruned_mob, cfg, clf)
 
     dense_act = rows["dense"]["activated_params"]
     print(f"classifier accuracy on real held-out images: {clf_acc:.3f}")
@@ -123,10 +229,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     result = {
         "config": args.preset, "quick": args.quick, "classifier_real_accuracy": clf_acc, "rows": rows, "seconds": times,
-        "history": {"dense": dense_hist, "kd": kd_hist, "pruned_kd": pr_hist, "mob": mob_hist},
+        "history": {"dense": dense_hist, "kd": kd_hist, "pruned_kd": pr_hist, "mob": mob_hist, "pruned_mob": pm_hist},
+        "pruned_mob_blocks": pruned_mob.pruned_blocks, "pruned_mob_ffn_fraction": pruned_mob.pruned_fraction,
     }
     write_text_atomic(out, json.dumps(result, indent=1))
-    for name, model in (("dense", teacher), ("moe_kd", moe), ("pruned_kd", pruned), ("moe_mob", mob)):
+    for name, model in (("dense", teacher), ("moe_kd", moe), ("pruned_kd", pruned), ("moe_mob", mob), ("pruned_mob", pruned_mob)):
         cfg.sample.num = 4 * cfg.dit.num_classes
         imgs, _ = draw_samples(model, cfg)
         order = torch.arange(imgs.shape[0]).reshape(4, cfg.dit.num_classes).T.reshape(-1)  # one row per class

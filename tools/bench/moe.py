@@ -16,7 +16,8 @@ Part 2 (accounting): FLUX.1 [dev]'s transformer (diffusers ``FluxTransformer2DMo
 built on the meta device: no memory, no download) converted with the same split: total and activated
 parameters and linear-layer FLOPs per token: the 19 double-stream blocks' ``ff``/``ff_context`` and
 the MLPs fused into the 38 single-stream blocks' ``proj_out`` become MoE layers (attention,
-modulation and embeddings stay dense; MoB, which the paper adds on top, is not applied here).
+modulation and embeddings stay dense); then MoB on top (groups of 2 consecutive blocks in each
+stream, 1 runs per sample, the first and last block of each stream always run: 26 groups).
 
     PYTHONPATH=. OMP_NUM_THREADS=2 python tools/bench/moe.py --out runs/bench/moe.json
 
@@ -28,11 +29,14 @@ Measured 2026-12-03, shared 2-core CPU (load ~15, one thread; times are noisy), 
     cpu    float32    256   1024   4096 moe_naive          290.68    0.014     0.56
     cpu    float32    256   1024   4096 moe_dense_twin     857.35    0.005     1.66
 
-    FLUX.1 [dev] transformer, 1 shared + top-2 of 7 routed (3/8 of every FFN active):
-      total_params             dense   11.891 G   moe   11.893 G   ratio 1.000
-      activated_params         dense   11.891 G   moe    8.306 G   ratio 0.699
-      linear_flops_per_token   dense   23.776 G   moe   16.607 G   ratio 0.698
+    FLUX.1 [dev] transformer, 1 shared + top-2 of 7 routed (3/8 of every FFN active); + MoB:
+      total_params             dense   11.891 G   moe   11.893 G (1.000)   moe+mob   11.893 G (1.000)
+      activated_params         dense   11.891 G   moe    8.306 G (0.699)   moe+mob    4.643 G (0.390)
+      linear_flops_per_token   dense   23.776 G   moe   16.607 G (0.698)   moe+mob    9.283 G (0.390)
       FFNs: 5.739 G -> 2.154 G activated (62.5% fewer)
+
+MoE+MoB activates 39% of FLUX.1 [dev]'s parameters, the paper's "60% fewer" (accounting only: no
+FLUX weights are converted or distilled here).
 """
 
 from __future__ import annotations
@@ -106,7 +110,14 @@ def throughput(device: torch.device, C: int, H: int, T: int, repeats: int, dtype
 def flux_accounting() -> dict:
     from diffusers import FluxTransformer2DModel
 
-    from vision3d.gen.dense2moe import Dense2MoEConfig, activated_linear_flops, activated_parameters, dense_to_moe
+    from vision3d.gen.dense2moe import (
+        Dense2MoEConfig,
+        MoBConfig,
+        activated_linear_flops,
+        activated_parameters,
+        add_mob,
+        dense_to_moe,
+    )
 
     with torch.device("meta"):
         flux = FluxTransformer2DModel()  # FLUX.1 [dev] / [schnell] sizes
@@ -119,12 +130,21 @@ def flux_accounting() -> dict:
     cfg = Dense2MoEConfig(num_slices=8, num_shared=1, top_k=2, assignment="contiguous", router_init="zeros")
     layers = dense_to_moe(flux, cfg)
     ff_act = sum(activated_parameters(m) for m in layers.values())
+    moe_act, moe_flops = activated_parameters(flux), activated_linear_flops(flux)
+    moe_total = sum(p.numel() for p in flux.parameters())
+    mob_cfg = MoBConfig(group_size=2, top_k=1, keep_ends=1)
+    groups = add_mob(flux, mob_cfg)
     return {
         "model": "FluxTransformer2DModel (default config = FLUX.1 [dev])", "moe_layers": len(layers),
-        "total_params_dense": dense_params, "total_params_moe": sum(p.numel() for p in flux.parameters()),
-        "activated_params_dense": dense_act, "activated_params_moe": activated_parameters(flux),
+        "total_params_dense": dense_params, "total_params_moe": moe_total,
+        "activated_params_dense": dense_act, "activated_params_moe": moe_act,
         "ffn_params_dense": ff_dense, "ffn_activated_moe": ff_act,
-        "linear_flops_per_token_dense": dense_flops, "linear_flops_per_token_moe": activated_linear_flops(flux),
+        "linear_flops_per_token_dense": dense_flops, "linear_flops_per_token_moe": moe_flops,
+        "mob": {"group_size": mob_cfg.group_size, "top_k": mob_cfg.top_k, "keep_ends": mob_cfg.keep_ends,
+                "groups": len(groups)},
+        "total_params_moe_mob": sum(p.numel() for p in flux.parameters()),
+        "activated_params_moe_mob": activated_parameters(flux),
+        "linear_flops_per_token_moe_mob": activated_linear_flops(flux),
     }
 
 
@@ -150,10 +170,12 @@ def main(argv=None) -> int:
         print(f"{r['device']:<6} {r['dtype']:<8} {r['C']:>5} {r['H']:>6} {r['tokens']:>6} {r['impl']:<15} "
               f"{r['ms']:>9.2f} {r['tokens_per_s'] / 1e6:>8.3f} {r['time_vs_dense']:>8.2f}")
     acct = flux_accounting()
-    print("\nFLUX.1 [dev] transformer, 1 shared + top-2 of 7 routed (3/8 of every FFN active):")
+    print("\nFLUX.1 [dev] transformer, 1 shared + top-2 of 7 routed (3/8 of every FFN active); MoB: groups of 2 "
+          f"blocks, 1 runs per sample, first/last block of each stream always ({acct['mob']['groups']} groups):")
     for k in ("total_params", "activated_params", "linear_flops_per_token"):
-        d, m = acct[f"{k}_dense"], acct[f"{k}_moe"]
-        print(f"  {k:<24} dense {d / 1e9:8.3f} G   moe {m / 1e9:8.3f} G   ratio {m / d:.3f}")
+        d, m, b = acct[f"{k}_dense"], acct[f"{k}_moe"], acct[f"{k}_moe_mob"]
+        print(f"  {k:<24} dense {d / 1e9:8.3f} G   moe {m / 1e9:8.3f} G ({m / d:.3f})   "
+              f"moe+mob {b / 1e9:8.3f} G ({b / d:.3f})")
     print(f"  FFNs: {acct['ffn_params_dense'] / 1e9:.3f} G -> {acct['ffn_activated_moe'] / 1e9:.3f} G activated "
           f"({1 - acct['ffn_activated_moe'] / acct['ffn_params_dense']:.1%} fewer)")
     from vision3d.utils.io import write_text_atomic

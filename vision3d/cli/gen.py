@@ -48,7 +48,10 @@ class ConvertArgs:
     out: str = "runs/gen/moe"
     """Run folder."""
     method: Literal["moe", "prune"] = "moe"
-    """moe: Dense2MoE conversion; prune: the magnitude-pruning baseline at the same activated FFN fraction."""
+    """moe: Dense2MoE conversion; prune: the magnitude-pruning baseline at the same activated parameters."""
+    budget: Literal["moe", "mob"] = "moe"
+    """With --method prune: match the MoE model (FFN neurons pruned to the active fraction) or the MoE+MoB
+    model (per MoB group only the top_k largest-magnitude blocks kept, FFNs pruned to the rest of the budget)."""
     overwrite: bool = False
     """Replace a non-empty run folder."""
     cfg: GenConfig = field(default_factory=GenConfig)
@@ -160,8 +163,11 @@ def run_convert(a: ConvertArgs) -> int:
 
     teacher = d2m.load_converted(_model_dir(a.teacher), a.cfg.device)
     run = _prepare(a.out, a.overwrite)
-    student = convert(teacher, a.cfg) if a.method == "moe" else prune(teacher, a.cfg)
-    _finish(run, a.cfg, student, {"stage": "convert" if a.method == "moe" else "prune", "teacher": str(a.teacher)})
+    student = convert(teacher, a.cfg) if a.method == "moe" else prune(teacher, a.cfg, a.budget)
+    info = {"stage": "convert" if a.method == "moe" else "prune", "teacher": str(a.teacher)}
+    if a.method == "prune":
+        info["budget"] = a.budget
+    _finish(run, a.cfg, student, info)
     return 0
 
 

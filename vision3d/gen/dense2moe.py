@@ -42,8 +42,31 @@ Works on our :class:`vision3d.gen.dit.DiT` and in place on diffusers transformer
 (``FluxTransformer2DModel``'s double-stream ``ff``/``ff_context`` and the MLP fused into each
 single-stream block's ``proj_out``, see :class:`FusedMLPOut`; ``PixArtTransformer2DModel`` and
 ``DiTTransformer2DModel``'s ``BasicTransformerBlock.ff``), which keep running in their diffusers
-pipelines (module replacement only, no forward is patched). MoB is implemented for our DiT
-(diffusers blocks take model-specific keyword arguments).
+pipelines (module replacement only, no forward is patched).
+
+MoB on diffusers transformers (FLUX's ``transformer_blocks`` and ``single_transformer_blocks``, each
+grouped on its own; PixArt's and DiT's ``transformer_blocks``): each grouped block is wrapped in a
+:class:`MoBBlock` that takes the block's own arguments (keyword or positional, as under gradient
+checkpointing), runs the block on the samples its group router picked and hands the others their
+inputs back in the block's return form (FLUX: ``(encoder_hidden_states, hidden_states)``). The router
+reads the per-sample conditioning the block already gets: FLUX's ``temb`` (timestep + guidance +
+pooled text), PixArt's adaLN-single ``timestep`` embedding, DiT's timestep + class embedding. The
+block lists keep their length, so the model's forward is unchanged. Only ``DiTPipeline`` can be
+built offline here (FLUX's and PixArt's pipelines need ``transformers`` text encoders); the FLUX and
+PixArt paths are tested on the transformer.
+
+Calibration memory is bounded (:func:`calibrate`): a running importance sum and a per-FFN reservoir of
+``calib_tokens`` rows; FFNs calibrated in passes under ``calib_budget_mb`` (each pass on the
+dense model; the MoEs, which hold the FFN weights a second time until then, are installed after
+the last pass). Measured with
+``tools/bench/dense2moe.py --calib-memory`` (DiT dim 256, depth 8, 8 batches of 2048 tokens,
+calib_tokens 4096; peak RSS growth of calibration + conversion, one thread, 2026-12-03)::
+
+    previous code (every batch's token subset kept, then subsampled)   2028 MB   14.8 s
+    reservoir, all FFNs in one pass (calib_budget_mb=0)                  468 MB    9.0 s
+    reservoir, 64 MB budget (one FFN per pass, 8 passes)                 171 MB   33.0 s
+
+The rest of the peak is the autograd graph of one calibration batch, which the bound does not cover.
 """
 
 from __future__ import annotations
@@ -74,11 +97,14 @@ __all__ = [
     "MoBConfig",
     "find_ffns",
     "calibrate",
+    "calibration_bytes",
     "FFNStats",
     "convert_ffn",
     "FusedMLPOut",
     "dense_to_moe",
     "MoBGroup",
+    "MoBRouter",
+    "MoBBlock",
     "add_mob",
     "set_all_active",
     "load_balance_loss",
@@ -86,6 +112,8 @@ __all__ = [
     "group_features",
     "group_feature_loss",
     "prune_ffns_magnitude",
+    "prune_blocks_magnitude",
+    "ffn_fraction_for_budget",
     "activated_parameters",
     "activated_linear_flops",
     "save_converted",
@@ -114,6 +142,9 @@ class Dense2MoEConfig:
     """Balanced k-means iterations."""
     calib_tokens: int = 4096
     """Tokens per FFN kept for clustering and router fitting (random subset of the calibration)."""
+    calib_budget_mb: float = 1024.0
+    """Bound on the calibration statistics held at once (:func:`calibration_bytes` per FFN): FFNs are
+    calibrated in passes of as many as fit (at least one per pass); 0: all FFNs in one pass."""
     ffn_names: Optional[tuple[str, ...]] = None
     """Qualified module names to convert (default: every FFN :func:`find_ffns` finds)."""
 
@@ -294,6 +325,18 @@ class FFNStats:
     activations: Tensor
 
 
+def _token_keys_seed(seed: int, name: str) -> int:
+    """A per-FFN seed for the token subset: the same tokens are kept whichever FFNs share a calibration pass."""
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def calibration_bytes(hidden: int, in_dim: int, max_tokens: int) -> int:
+    """Bytes :func:`calibrate` keeps for one FFN: ``max_tokens`` rows of inputs, scores and activations (float32)."""
+    return 4 * (max_tokens * (in_dim + 2 * hidden + 1) + hidden)
+
+
 def calibrate(
     model: nn.Module,
     loss_fn: Callable[[nn.Module, object], Tensor],
@@ -307,9 +350,18 @@ def calibrate(
 
     Only the hidden activations are differentiated (``torch.autograd.grad``): the parameters'
     ``.grad`` and ``requires_grad`` are left as they were.
+
+    Memory is bounded: the importance is a running sum, and the token subset is a reservoir (each
+    token gets a random key from a per-FFN generator; the ``max_tokens`` smallest keys seen so far are
+    kept), so an FFN holds at most ``max_tokens`` rows (:func:`calibration_bytes`) however many batches
+    there are, and it is a uniform random subset of all calibration tokens. To bound the total,
+    calibrate a few FFNs per pass (:func:`dense_to_moe` does, under ``Dense2MoEConfig.calib_budget_mb``).
     """
-    g = torch.Generator().manual_seed(seed)
-    acc: dict[str, dict] = {n: {"imp": None, "x": [], "s": [], "h": []} for n in ffns}
+    acc: dict[str, dict] = {
+        n: {"imp": None, "keys": None, "x": None, "s": None, "h": None,
+            "g": torch.Generator().manual_seed(_token_keys_seed(seed, n))}
+        for n in ffns
+    }
     current: dict[str, dict] = {}
     handles = []
 
@@ -327,6 +379,23 @@ def calibrate(
         def hook(_m, _args, out):
             current.setdefault(name, {})["h"] = out
         return hook
+
+    def keep_tokens(a: dict, x: Tensor, prod: Tensor, h: Tensor) -> None:
+        keys = torch.rand(x.shape[0], generator=a["g"])
+        if a["keys"] is not None and a["keys"].numel() >= max_tokens:  # full: only keys below the current max compete
+            new = torch.nonzero(keys < a["keys"].max()).flatten()
+        else:
+            new = torch.arange(x.shape[0])
+        if new.numel() == 0:
+            return
+        parts = [(keys[new], x[new], prod[new].abs(), h[new])]
+        if a["keys"] is not None:
+            parts.insert(0, (a["keys"], a["x"], a["s"], a["h"]))
+        k, xx, ss, hh = (torch.cat(t) for t in zip(*parts))
+        if k.numel() > max_tokens:
+            sel = torch.topk(k, max_tokens, largest=False).indices
+            k, xx, ss, hh = k[sel], xx[sel], ss[sel], hh[sel]
+        a["keys"], a["x"], a["s"], a["h"] = k, xx, ss, hh
 
     for n, m in ffns.items():
         x_mod, h_mod, h_is_output = _probes(m)
@@ -349,14 +418,13 @@ def calibrate(
                 grad = torch.zeros_like(h) if grad is None else grad
                 H = h.shape[-1]
                 prod = (h * grad).reshape(-1, H).float()
-                imp = prod.sum(0).abs()
                 a = acc[n]
+                imp = prod.sum(0).abs()
                 a["imp"] = imp if a["imp"] is None else a["imp"] + imp
                 x = current[n]["x"].reshape(-1, current[n]["x"].shape[-1]).float()
-                keep = torch.randperm(x.shape[0], generator=g)[: max_tokens]
-                a["x"].append(x[keep])
-                a["s"].append(prod.abs()[keep])
-                a["h"].append(h.reshape(-1, H).float()[keep])
+                keep_tokens(a, x, prod, h.reshape(-1, H).float())
+            current.clear()
+            del loss, grads
     finally:
         for hd in handles:
             hd.remove()
@@ -367,9 +435,8 @@ def calibrate(
     for n, a in acc.items():
         if a["imp"] is None:
             raise ValueError(f"calibrate: FFN {n} was never called by loss_fn on the calibration batches")
-        x, s, h = torch.cat(a["x"]), torch.cat(a["s"]), torch.cat(a["h"])
-        keep = torch.randperm(x.shape[0], generator=g)[:max_tokens]
-        out[n] = FFNStats(a["imp"], x[keep], s[keep], h[keep])
+        order = torch.argsort(a["keys"])  # a fixed order (by key), independent of the batch order of arrival
+        out[n] = FFNStats(a["imp"], a["x"][order], a["s"][order], a["h"][order])
     return out
 
 
@@ -515,27 +582,60 @@ def dense_to_moe(
     for n, m in ffns.items():  # validate every FFN before touching any (no half-converted model)
         _check_split(cfg, module_ffn_weights(m, n).hidden, n)
     needs_stats = cfg.assignment != "contiguous" or cfg.router_init == "taylor"
-    stats: dict[str, FFNStats] = {}
-    if needs_stats:
-        if loss_fn is None or calibration is None:
-            raise ValueError(
-                f"dense_to_moe: assignment={cfg.assignment!r}, router_init={cfg.router_init!r} need calibration "
-                "(loss_fn and calibration batches); or use assignment='contiguous', router_init='random'"
-            )
-        stats = calibrate(model, loss_fn, calibration, ffns, max_tokens=cfg.calib_tokens, seed=seed)
+    if needs_stats and (loss_fn is None or calibration is None):
+        raise ValueError(
+            f"dense_to_moe: assignment={cfg.assignment!r}, router_init={cfg.router_init!r} need calibration "
+            "(loss_fn and calibration batches); or use assignment='contiguous', router_init='random'"
+        )
+    passes = [list(ffns)]
+    if needs_stats and cfg.calib_budget_mb > 0:
+        passes, size = [[]], 0
+        for n, m in ffns.items():
+            w = module_ffn_weights(m, n)
+            b = calibration_bytes(w.hidden, w.in_weight.shape[1], cfg.calib_tokens)
+            if passes[-1] and size + b > cfg.calib_budget_mb * 2**20:
+                passes.append([])
+                size = 0
+            passes[-1].append(n)
+            size += b
+    if len(passes) > 1:
+        calibration = list(calibration)  # iterated once per pass
+    order = {n: i for i, n in enumerate(ffns)}
     out = {}
-    for i, (n, m) in enumerate(ffns.items()):
-        moe = convert_ffn(m, cfg, stats.get(n), n, seed + i)
-        if _is_flux_single(m):
-            _install_fused(m, moe)
+    for names in passes:  # every pass calibrates the dense model: the MoEs are installed after the last one
+        stats: dict[str, FFNStats] = {}
+        if needs_stats:
+            stats = calibrate(model, loss_fn, calibration, {n: ffns[n] for n in names},
+                              max_tokens=cfg.calib_tokens, seed=seed)
+        for n in names:
+            out[n] = convert_ffn(ffns[n], cfg, stats.pop(n, None), n, seed + order[n])
+    for n, moe in out.items():
+        if _is_flux_single(ffns[n]):
+            _install_fused(ffns[n], moe)
         else:
             _set_module(model, n, moe)
-        out[n] = moe
     model.dense2moe_config = cfg
     return out
 
 
 # ------------------------------------------------------------------------------------------------ Mixture of Blocks
+def _route_blocks(gate: nn.Linear, c: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-sample top-``k`` of ``G`` blocks: (probs [B, G], selected bool [B, G], weight [B, G], balance loss).
+
+    ``weight`` is straight-through: exactly 1 in the forward on the selected blocks, the renormalised
+    softmax's gradient backward.
+    """
+    probs = gate(c).float().softmax(-1)
+    # ties (e.g. a zero-initialised router) are broken towards earlier blocks by a tiny index bias
+    tie = torch.arange(probs.shape[1], device=c.device, dtype=probs.dtype) * 1e-6
+    _, idx = (probs - tie).topk(k, -1)
+    selected = torch.zeros_like(probs, dtype=torch.bool).scatter(1, idx, True)
+    kept = torch.where(selected, probs, torch.zeros_like(probs))
+    kept = kept / kept.sum(-1, keepdim=True)
+    weight = (kept - kept.detach()) + 1.0  # exactly 1 forward
+    return probs, selected, weight, balance_loss(probs, idx)
+
+
 class MoBGroup(nn.Module):
     """Consecutive DiT blocks of which each sample runs ``k``, chosen by a router on the conditioning.
 
@@ -563,15 +663,7 @@ class MoBGroup(nn.Module):
         self.aux_loss: Optional[Tensor] = None
 
     def route(self, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # c [B, C] -> (probs [B, G], selected bool [B, G], weight [B, G])
-        probs = self.router(c).float().softmax(-1)
-        # ties (e.g. a zero-initialised router) are broken towards earlier blocks by a tiny index bias
-        tie = torch.arange(probs.shape[1], device=c.device, dtype=probs.dtype) * 1e-6
-        _, idx = (probs - tie).topk(self.k, -1)
-        selected = torch.zeros_like(probs, dtype=torch.bool).scatter(1, idx, True)
-        kept = torch.where(selected, probs, torch.zeros_like(probs))
-        kept = kept / kept.sum(-1, keepdim=True)
-        weight = (kept - kept.detach()) + 1.0  # exactly 1 forward
-        self.aux_loss = balance_loss(probs, idx)
+        probs, selected, weight, self.aux_loss = _route_blocks(self.router, c, self.k)
         return probs, selected, weight
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
@@ -594,12 +686,18 @@ class MoBGroup(nn.Module):
         return x
 
 
-def add_mob(model: nn.Module, cfg: Optional[MoBConfig] = None) -> list[MoBGroup]:
-    """Group ``model.blocks`` (our DiT) into :class:`MoBGroup` s in place; returns the groups."""
+def add_mob(model: nn.Module, cfg: Optional[MoBConfig] = None) -> list:
+    """Mixture of Blocks in place; returns the groups (:class:`MoBGroup` s or :class:`MoBRouter` s).
+
+    Our DiT: ``model.blocks`` is regrouped into :class:`MoBGroup` s. A diffusers transformer
+    (``FluxTransformer2DModel``, ``PixArtTransformer2DModel``, ``DiTTransformer2DModel``): each grouped
+    block is wrapped in a :class:`MoBBlock` (the block lists keep their length, so the model's own
+    forward is unchanged) and the groups' routers are ``model.mob_routers``.
+    """
     cfg = cfg or MoBConfig()
     blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList) or not hasattr(model, "condition"):
-        raise TypeError(f"add_mob: {type(model).__name__} is not a vision3d DiT (needs .blocks and .condition)")
+    if not (isinstance(blocks, nn.ModuleList) and hasattr(model, "condition")):
+        return _add_mob_diffusers(model, cfg)
     if any(isinstance(b, MoBGroup) for b in blocks):
         raise ValueError("add_mob: the model already has MoB groups")
     D = len(blocks)
@@ -629,6 +727,195 @@ def add_mob(model: nn.Module, cfg: Optional[MoBConfig] = None) -> list[MoBGroup]
     return groups
 
 
+@dataclass(frozen=True)
+class _BlockSpec:
+    """How a diffusers block is called: its per-sample arguments, what it returns, its conditioning."""
+
+    batch_args: tuple[str, ...]
+    """Arguments whose leading dimension is the batch (sliced to the samples that run the block)."""
+    outputs: tuple[str, ...]
+    """The block returns these inputs, updated, in this order (one name: a bare tensor)."""
+    cond: Callable[[nn.Module, dict], Tensor]
+    """``cond(block, arguments) -> [B, C]`` the per-sample signal the router reads."""
+    cond_dim: Callable[[nn.Module], int]
+
+
+_FLUX_ARGS = ("hidden_states", "encoder_hidden_states", "temb")
+_BASIC_ARGS = ("hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask", "timestep",
+               "class_labels")
+
+
+def _basic_cond(block: nn.Module, a: dict) -> Tensor:
+    if block.norm_type == "ada_norm_single":  # PixArt: the model's adaLN-single embedding [B, 6 * dim]
+        return a["timestep"]
+    # DiTTransformer2DModel: the block's own timestep + class embedding [B, dim]
+    return block.norm1.emb(a["timestep"], a["class_labels"], hidden_dtype=a["hidden_states"].dtype)
+
+
+def _basic_cond_dim(block: nn.Module) -> int:
+    if block.norm_type == "ada_norm_single":
+        return block.scale_shift_table.shape[1] * 6
+    return block.norm1.linear.in_features
+
+
+def _block_spec(block: nn.Module, name: str) -> _BlockSpec:
+    kind = type(block).__name__
+    if kind == "FluxTransformerBlock":  # returns (encoder_hidden_states, hidden_states), diffusers' order
+        return _BlockSpec(_FLUX_ARGS, ("encoder_hidden_states", "hidden_states"), lambda _b, a: a["temb"],
+                          lambda b: b.norm1.linear.in_features)
+    if kind == "FluxSingleTransformerBlock":
+        return _BlockSpec(_FLUX_ARGS, ("encoder_hidden_states", "hidden_states"), lambda _b, a: a["temb"],
+                          lambda b: b.norm.linear.in_features)
+    if kind == "BasicTransformerBlock":
+        if getattr(block, "norm_type", None) not in ("ada_norm_single", "ada_norm_zero"):
+            raise TypeError(f"add_mob: {name} has norm_type={getattr(block, 'norm_type', None)!r}; MoB needs a "
+                            "per-sample conditioning (ada_norm_single as in PixArt or ada_norm_zero as in DiT)")
+        return _BlockSpec(_BASIC_ARGS, ("hidden_states",), _basic_cond, _basic_cond_dim)
+    raise TypeError(f"add_mob: {name} is a {kind}; MoB supports FluxTransformerBlock, FluxSingleTransformerBlock "
+                    "and diffusers' BasicTransformerBlock")
+
+
+_BLOCK_LISTS = {
+    "FluxTransformer2DModel": ("transformer_blocks", "single_transformer_blocks"),
+    "PixArtTransformer2DModel": ("transformer_blocks",),
+    "DiTTransformer2DModel": ("transformer_blocks",),
+}
+
+
+class MoBRouter(nn.Module):
+    """The router of one group of diffusers blocks (see :class:`MoBBlock`): ``G`` blocks, ``k`` per sample.
+
+    Lives in ``model.mob_routers``; the group's first block computes the routing on its conditioning and
+    caches it here for the others (they run right after it in the model's loop).
+
+    Attributes:
+        block_names: qualified names of the group's blocks (for the group feature loss).
+        aux_loss: Switch load-balancing loss of the last routing.
+    """
+
+    def __init__(self, cond_dim: int, block_names: Sequence[str], k: int):
+        super().__init__()
+        G = len(block_names)
+        if not 1 <= k <= G:
+            raise ValueError(f"MoBRouter({list(block_names)}): top_k={k} must be in [1, {G}]")
+        self.router = nn.Linear(cond_dim, G)
+        nn.init.zeros_(self.router.weight)
+        nn.init.zeros_(self.router.bias)
+        self.k = k
+        self.block_names = tuple(block_names)
+        self.aux_loss: Optional[Tensor] = None
+        self.last: Optional[tuple[Tensor, Tensor]] = None  # (selected [B, G], weight [B, G]) of the last routing
+
+    def route(self, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        probs, selected, weight, self.aux_loss = _route_blocks(self.router, c, self.k)
+        self.last = (selected, weight)
+        return probs, selected, weight
+
+
+class MoBBlock(nn.Module):
+    """A diffusers transformer block that runs only on the samples its group's :class:`MoBRouter` picks.
+
+    Called exactly like the block (same positional/keyword arguments); returns what the block returns.
+    A sample that skips the block gets its inputs back unchanged (``(encoder_hidden_states,
+    hidden_states)`` for FLUX, ``hidden_states`` for ``BasicTransformerBlock``); the others get
+    ``x + w * (block(x) - x)`` with the straight-through weight ``w`` (1 in the forward). Attribute
+    reads fall through to the wrapped block (``DiTTransformer2DModel`` reads ``transformer_blocks[0].norm1``).
+    """
+
+    def __init__(self, block: nn.Module, router: MoBRouter, position: int, name: str):
+        super().__init__()
+        import inspect
+
+        self.block = block
+        self.position = position
+        self.spec = _block_spec(block, name)
+        self.signature = inspect.signature(block.forward)
+        object.__setattr__(self, "group", router)  # not a submodule: its weights live in model.mob_routers
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("block")
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
+    def _run(self, a: dict) -> tuple[Tensor, ...]:
+        out = self.block(**a)
+        return tuple(out) if len(self.spec.outputs) > 1 else (out,)
+
+    def forward(self, *args, **kwargs):
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = dict(bound.arguments)
+        x = tuple(a[n] for n in self.spec.outputs)
+        B = a["hidden_states"].shape[0]
+        if self.position == 0:
+            _, selected, weight = self.group.route(self.spec.cond(self.block, a))
+        else:
+            if self.group.last is None or self.group.last[0].shape[0] != B:
+                raise RuntimeError(f"MoBBlock {self.group.block_names[self.position]}: its group's first block "
+                                   f"{self.group.block_names[0]} did not run on this batch of {B} first")
+            selected, weight = self.group.last
+        col, w = selected[:, self.position], weight[:, self.position]
+        if bool(col.all()):
+            ys = self._run(a)
+            wb = w.to(x[0].dtype)[:, None, None]
+            out = tuple(xi + wb * (yi - xi) for xi, yi in zip(x, ys))
+        elif not bool(col.any()):
+            out = x
+        else:
+            rows = torch.nonzero(col).flatten()
+            sub = dict(a)
+            for n in self.spec.batch_args:
+                v = a.get(n)
+                if isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == B:
+                    sub[n] = v.index_select(0, rows)
+            ys = self._run(sub)
+            wb = w.index_select(0, rows).to(x[0].dtype)[:, None, None]
+            out = tuple(xi.index_add(0, rows, wb * (yi - xi.index_select(0, rows))) for xi, yi in zip(x, ys))
+        return out if len(out) > 1 else out[0]
+
+
+def _add_mob_diffusers(model: nn.Module, cfg: MoBConfig) -> list[MoBRouter]:
+    lists = _BLOCK_LISTS.get(type(model).__name__)
+    if lists is None:
+        raise TypeError(f"add_mob: {type(model).__name__} is neither a vision3d DiT nor a supported diffusers "
+                        f"transformer ({', '.join(_BLOCK_LISTS)})")
+    if hasattr(model, "mob_routers"):
+        raise ValueError(f"add_mob: the {type(model).__name__} already has MoB groups")
+    if cfg.group_size < 2 or not 1 <= cfg.top_k < cfg.group_size:
+        raise ValueError(f"add_mob: need group_size >= 2 and 1 <= top_k < group_size, got {cfg.group_size}, {cfg.top_k}")
+    plan = []
+    for ln in lists:
+        blocks = getattr(model, ln)
+        D = len(blocks)
+        inner = D - 2 * cfg.keep_ends
+        for s in range(cfg.keep_ends, cfg.keep_ends + inner - cfg.group_size + 1, cfg.group_size):
+            plan.append((ln, list(range(s, s + cfg.group_size))))  # a trailing remainder < group_size always runs
+    if not plan:
+        sizes = {ln: len(getattr(model, ln)) for ln in lists}
+        raise ValueError(f"add_mob: {type(model).__name__} blocks {sizes} minus 2*keep_ends={2 * cfg.keep_ends} "
+                         f"leave no group of group_size={cfg.group_size}")
+    for ln, idx in plan:  # validate every block before wrapping any
+        for i in idx:
+            _block_spec(getattr(model, ln)[i], f"{ln}.{i}")
+    param = next(model.parameters())
+    routers = nn.ModuleList()
+    for ln, idx in plan:
+        blocks = getattr(model, ln)
+        names = [f"{ln}.{i}" for i in idx]
+        first = blocks[idx[0]]
+        r = MoBRouter(_block_spec(first, names[0]).cond_dim(first), names, cfg.top_k).to(param.device, param.dtype)
+        for j, i in enumerate(idx):
+            blocks[i] = MoBBlock(blocks[i], r, j, names[j])
+        routers.append(r)
+    model.mob_routers = routers
+    model.mob_config = cfg
+    return list(routers)
+
+
 def set_all_active(model: nn.Module, active: bool = True) -> dict:
     """Set every MoE router's ``k`` to all experts and every MoB group's ``k`` to all blocks (or restore).
 
@@ -646,6 +933,9 @@ def set_all_active(model: nn.Module, active: bool = True) -> dict:
         elif isinstance(m, MoBGroup):
             prev[m] = m.k
             m.k = len(m.blocks)
+        elif isinstance(m, MoBRouter):
+            prev[m] = m.k
+            m.k = len(m.block_names)
     return prev
 
 
@@ -653,32 +943,48 @@ def set_all_active(model: nn.Module, active: bool = True) -> dict:
 def clear_aux_losses(model: nn.Module) -> None:
     """Forget the routers' auxiliary losses (call before a forward: MoB may skip a block's MoE)."""
     for m in model.modules():
-        if isinstance(m, (MoE, MoBGroup)):
+        if isinstance(m, (MoE, MoBGroup, MoBRouter)):
             m.aux_loss = None
 
 
 def load_balance_loss(model: nn.Module) -> Tensor:
     """Mean Switch load-balancing loss over every MoE and MoB router run since :func:`clear_aux_losses` (1 = balanced)."""
-    losses = [m.aux_loss for m in model.modules() if isinstance(m, (MoE, MoBGroup)) and m.aux_loss is not None]
+    losses = [m.aux_loss for m in model.modules() if isinstance(m, (MoE, MoBGroup, MoBRouter)) and m.aux_loss is not None]
     if not losses:
         return torch.zeros(())
     return torch.stack([l.float() for l in losses]).mean()
 
 
+def _feature(out) -> Tensor:
+    """A block's output as one ``[B, N, C]`` tensor (FLUX's ``(encoder_hidden_states, hidden_states)`` concatenated on tokens)."""
+    return torch.cat(list(out), 1) if isinstance(out, (tuple, list)) else out
+
+
 class group_features:
-    """Context manager capturing block-group outputs: the student's after each :class:`MoBGroup`, the
-    teacher's after the same original block index.
+    """Context manager capturing block-group outputs: the student's after each MoB group, the
+    teacher's after the same original block.
 
     ``with group_features(student, teacher) as feats: ...`` then ``feats.student``/``feats.teacher``
-    are lists of ``[B, N, C]`` tensors in group order.
+    are lists of ``[B, N, C]`` tensors in group order. Our DiT (:class:`MoBGroup` s) and diffusers
+    transformers (:class:`MoBRouter` groups; the teacher's block of the same qualified name; FLUX's
+    two streams concatenated on the token axis).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module):
-        self.groups = [m for m in student.blocks if isinstance(m, MoBGroup)]
-        if not self.groups:
+        self.student_mods: list[nn.Module] = []
+        self.teacher_mods: list[nn.Module] = []
+        groups = [m for m in getattr(student, "blocks", []) if isinstance(m, MoBGroup)]
+        if groups:
+            self.student_mods = groups
+            self.teacher_mods = [teacher.blocks[g.block_indices[-1]] for g in groups]
+        elif isinstance(getattr(student, "mob_routers", None), nn.ModuleList):
+            for r in student.mob_routers:
+                last = r.block_names[-1]
+                self.student_mods.append(student.get_submodule(last))
+                t = teacher.get_submodule(last)
+                self.teacher_mods.append(t.block if isinstance(t, MoBBlock) else t)
+        if not self.student_mods:
             raise ValueError("group_features: the student has no MoB groups (add_mob first)")
-        self.ends = [g.block_indices[-1] for g in self.groups]
-        self.teacher_blocks = teacher.blocks
         self.student: list[Tensor] = []
         self.teacher: list[Tensor] = []
         self._handles = []
@@ -686,10 +992,10 @@ class group_features:
     def __enter__(self):
         self.student.clear()
         self.teacher.clear()
-        for g in self.groups:
-            self._handles.append(g.register_forward_hook(lambda _m, _a, out: self.student.append(out)))
-        for i in self.ends:
-            self._handles.append(self.teacher_blocks[i].register_forward_hook(lambda _m, _a, out: self.teacher.append(out)))
+        for m in self.student_mods:
+            self._handles.append(m.register_forward_hook(lambda _m, _a, out: self.student.append(_feature(out))))
+        for m in self.teacher_mods:
+            self._handles.append(m.register_forward_hook(lambda _m, _a, out: self.teacher.append(_feature(out))))
         return self
 
     def __exit__(self, *exc):
@@ -732,6 +1038,75 @@ def prune_ffns_magnitude(model: nn.Module, keep_fraction: float, names: Optional
     return out
 
 
+def _mob_plan(D: int, cfg: MoBConfig, who: str) -> list[list[int]]:
+    """Block indices of each MoB group of a ``D``-block list (the same grouping as :func:`add_mob` on our DiT)."""
+    if cfg.group_size < 2 or not 1 <= cfg.top_k < cfg.group_size:
+        raise ValueError(f"{who}: need group_size >= 2 and 1 <= top_k < group_size, got {cfg.group_size}, {cfg.top_k}")
+    inner = D - 2 * cfg.keep_ends
+    if inner < cfg.group_size or inner % cfg.group_size:
+        raise ValueError(f"{who}: {D} blocks minus 2*keep_ends={2 * cfg.keep_ends} leaves {inner}, "
+                         f"not a positive multiple of group_size={cfg.group_size}")
+    return [list(range(s, s + cfg.group_size)) for s in range(cfg.keep_ends, D - cfg.keep_ends, cfg.group_size)]
+
+
+def prune_blocks_magnitude(model: nn.Module, cfg: Optional[MoBConfig] = None, keep: Optional[Sequence[int]] = None) -> list[int]:
+    """Static depth pruning of our DiT at the MoB budget: of each MoB group keep the ``top_k`` blocks of largest
+    weight magnitude (L2 norm of all the block's parameters), drop the others, in place.
+
+    Every sample then runs the same ``top_k`` blocks per group, the number MoB runs per sample: the
+    block half of the pruning baseline at the MoE+MoB activated parameters. ``keep`` (original indices)
+    rebuilds a saved structure. Returns the kept original indices (also ``model.pruned_blocks``).
+    """
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or not hasattr(model, "condition"):
+        raise TypeError(f"prune_blocks_magnitude: {type(model).__name__} is not a vision3d DiT (needs .blocks and .condition)")
+    if hasattr(model, "pruned_blocks") or any(isinstance(b, MoBGroup) for b in blocks):
+        raise ValueError("prune_blocks_magnitude: the model's blocks are already pruned or grouped")
+    D = len(blocks)
+    if keep is None:
+        cfg = cfg or MoBConfig()
+        drop = set()
+        for idx in _mob_plan(D, cfg, "prune_blocks_magnitude"):
+            score = torch.stack([torch.sqrt(sum(p.detach().float().square().sum() for p in blocks[i].parameters()))
+                                 for i in idx])
+            kept = set(idx[j] for j in torch.argsort(score, descending=True)[: cfg.top_k].tolist())
+            drop |= set(idx) - kept
+        keep = [i for i in range(D) if i not in drop]
+    keep = [int(i) for i in keep]
+    if not keep or any(not 0 <= i < D for i in keep) or sorted(set(keep)) != keep:
+        raise ValueError(f"prune_blocks_magnitude: kept block indices {keep} must be increasing, distinct, in [0, {D})")
+    model.blocks = nn.ModuleList([blocks[i] for i in keep])
+    model.pruned_blocks = keep
+    return keep
+
+
+def ffn_fraction_for_budget(model: nn.Module, target: float, names: Optional[Sequence[str]] = None) -> float:
+    """The ``keep_fraction`` for :func:`prune_ffns_magnitude` that brings ``model``'s activated parameters to ``target``.
+
+    A kept neuron costs its input row (+ bias) and output column; the output bias stays. Raises
+    ``ValueError`` when even one neuron per FFN, or every neuron, misses the target.
+    """
+    ffns = find_ffns(model, names)
+    total = activated_parameters(model)
+    ffn_params = sum(activated_parameters(m) for m in ffns.values())
+    per_neuron, fixed, hidden = 0.0, 0.0, []
+    for n, m in ffns.items():
+        w = module_ffn_weights(m, n)
+        cost = w.in_weight.shape[1] + (w.in_bias is not None) + w.out_weight.shape[0]
+        if w.value_weight is not None:
+            cost += w.value_weight.shape[1] + (w.value_bias is not None)
+        per_neuron += cost * w.hidden
+        fixed += w.out_weight.shape[0] if w.out_bias is not None else 0
+        hidden.append(w.hidden)
+    rest = total - ffn_params
+    f = (target - rest - fixed) / per_neuron
+    lo = 1.0 / min(hidden)
+    if not lo <= f <= 1.0:
+        raise ValueError(f"ffn_fraction_for_budget: target {target:.0f} activated parameters needs FFN keep fraction "
+                         f"{f:.4f}, outside [{lo:.4f}, 1] (non-FFN parameters {rest:.0f}, FFN {ffn_params:.0f})")
+    return float(f)
+
+
 # ------------------------------------------------------------------------------------------------ accounting
 def activated_parameters(module: nn.Module) -> float:
     """Parameters one token (one sample, for MoB) uses: routed experts count ``k/E``, MoB blocks ``k/G``."""
@@ -743,6 +1118,8 @@ def activated_parameters(module: nn.Module) -> float:
     if isinstance(module, MoBGroup):
         blocks = sum(activated_parameters(b) for b in module.blocks) * module.k / len(module.blocks)
         return blocks + sum(p.numel() for p in module.router.parameters())
+    if isinstance(module, MoBBlock):  # its router is counted in model.mob_routers
+        return activated_parameters(module.block) * module.group.k / len(module.group.block_names)
     own = sum(p.numel() for p in module.parameters(recurse=False))
     return own + sum(activated_parameters(c) for c in module.children())
 
@@ -758,6 +1135,8 @@ def activated_linear_flops(module: nn.Module) -> float:
         return routed + shared + activated_linear_flops(module.router)
     if isinstance(module, MoBGroup):
         return sum(activated_linear_flops(b) for b in module.blocks) * module.k / len(module.blocks)
+    if isinstance(module, MoBBlock):
+        return activated_linear_flops(module.block) * module.group.k / len(module.group.block_names)
     return sum(activated_linear_flops(c) for c in module.children())
 
 
@@ -768,6 +1147,8 @@ def _structure(model: nn.Module) -> dict:
         d["dense2moe"] = asdict(model.dense2moe_config)
     if hasattr(model, "mob_config"):
         d["mob"] = asdict(model.mob_config)
+    if hasattr(model, "pruned_blocks"):
+        d["pruned_blocks"] = list(model.pruned_blocks)
     if hasattr(model, "pruned_fraction"):
         d["pruned_fraction"] = model.pruned_fraction
     return d
@@ -795,6 +1176,8 @@ def save_converted(model: nn.Module, folder: str | Path) -> Path:
 
 
 def _rebuild(model: nn.Module, structure: dict) -> nn.Module:
+    if "pruned_blocks" in structure:
+        prune_blocks_magnitude(model, keep=structure["pruned_blocks"])
     if "pruned_fraction" in structure:
         prune_ffns_magnitude(model, structure["pruned_fraction"])
         model.pruned_fraction = structure["pruned_fraction"]

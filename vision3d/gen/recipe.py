@@ -10,7 +10,8 @@ Stages (arXiv:2510.09094, see ``vision3d/gen/dense2moe.py``):
    distillation + load balancing.
 
 :func:`prune` builds the paper's baseline: the teacher with magnitude-pruned FFNs at the same
-activated parameters as the MoE, distilled with the same budget. :func:`evaluate` measures the
+activated parameters as the MoE (``budget="moe"``), or with magnitude-pruned blocks and FFNs at those
+of the MoE+MoB model (``budget="mob"``), distilled with the same budget. :func:`evaluate` measures the
 denoising loss on fixed held-out draws and the sample quality (:mod:`vision3d.gen.quality`).
 
 :class:`GenConfig` holds every section; presets live in ``configs/gen/*.yaml`` and are read with
@@ -20,6 +21,7 @@ denoising loss on fixed held-out draws and the sample quality (:mod:`vision3d.ge
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -34,7 +36,7 @@ from .loop import OptimConfig, optimise
 
 __all__ = [
     "DataConfig", "StageConfig", "SampleConfig", "GenConfig", "load_gen_config", "dump_gen_config",
-    "train_dense", "convert", "distill", "prune", "evaluate", "teacher_gap",
+    "train_dense", "convert", "distill", "prune", "mob_activated_parameters", "evaluate", "teacher_gap",
 ]
 
 
@@ -190,11 +192,34 @@ def convert(teacher: DiT, cfg: GenConfig) -> DiT:
     return student
 
 
-def prune(teacher: DiT, cfg: GenConfig) -> DiT:
-    """The baseline: a copy of the teacher whose FFNs keep ``cfg.moe.active_fraction`` of their neurons by magnitude."""
+def mob_activated_parameters(teacher: DiT, cfg: GenConfig) -> float:
+    """Activated parameters of the teacher converted to MoE and grouped into MoB by ``cfg`` (the structure only)."""
+    ref = copy.deepcopy(teacher)
+    shape_only = dataclasses.replace(cfg.moe, assignment="contiguous", router_init="zeros")
+    d2m.dense_to_moe(ref, shape_only)
+    d2m.add_mob(ref, cfg.mob)
+    return d2m.activated_parameters(ref)
+
+
+def prune(teacher: DiT, cfg: GenConfig, budget: Literal["moe", "mob"] = "moe") -> DiT:
+    """The baseline: a copy of the teacher magnitude-pruned to the MoE's activated parameters.
+
+    ``budget="moe"``: the FFNs keep ``cfg.moe.active_fraction`` of their neurons (the MoE-only budget).
+    ``budget="mob"``: the MoE+MoB budget: of each MoB group only the ``cfg.mob.top_k`` blocks of largest
+    weight magnitude are kept (:func:`~vision3d.gen.dense2moe.prune_blocks_magnitude`), then the FFNs keep
+    the fraction of neurons that brings the activated parameters to those of the MoE+MoB model.
+    """
     student = copy.deepcopy(teacher).eval()
-    d2m.prune_ffns_magnitude(student, cfg.moe.active_fraction)
-    student.pruned_fraction = cfg.moe.active_fraction
+    if budget == "moe":
+        fraction = cfg.moe.active_fraction
+    elif budget == "mob":
+        target = mob_activated_parameters(teacher, cfg)
+        d2m.prune_blocks_magnitude(student, cfg.mob)
+        fraction = d2m.ffn_fraction_for_budget(student, target)
+    else:
+        raise ValueError(f"prune: budget must be 'moe' or 'mob', got {budget!r}")
+    d2m.prune_ffns_magnitude(student, fraction)
+    student.pruned_fraction = fraction
     return student
 
 

@@ -43,7 +43,6 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import register_notrace_module
 from torch import Tensor
 
 __all__ = [
@@ -231,7 +230,6 @@ def average_experts(experts: Sequence[nn.Module]) -> nn.Module:
     return dense
 
 
-@register_notrace_module  # FX: one leaf (data-dependent dispatch: per-expert token counts)
 class MoE(nn.Module):
     """Experts + router with sort-based dispatch and weighted scatter-add combine.
 
@@ -431,3 +429,11 @@ def split_ffn(w: FFNWeights, shared: Optional[Tensor], groups: Sequence[Tensor])
     shared_ffn = SlicedFFN.from_weights(w, shared, out_bias=True) if shared is not None else None
     routed = [SlicedFFN.from_weights(w, g, out_bias=shared is None and i == 0) for i, g in enumerate(groups)]
     return shared_ffn, routed
+
+
+# FX: MoE is one leaf (data-dependent dispatch: per-expert token counts). Registered here, after every name
+# of this module exists: importing timm first imports vision3d.backbones (see vision3d/__init__.py), whose
+# EWA imports this module, so importing timm at the top made `import vision3d.layers.moe` circular.
+from timm.layers import register_notrace_module  # noqa: E402
+
+register_notrace_module(MoE)
