@@ -279,3 +279,43 @@ def test_mob_dit_runs_in_its_diffusers_pipeline(tmp_path):
     d2m.save_converted(transformer, tmp_path / "dit")
     pipe.transformer = d2m.load_converted(tmp_path / "dit")
     torch.testing.assert_close(run(), sparse)
+
+
+def test_moe_and_mob_flux_runs_in_its_diffusers_pipeline(tmp_path):
+    """FluxPipeline with the converted transformer (MoE, then MoB): prompt embeddings are given, so no text
+    encoder or tokenizer (and no download) is needed; the pipeline imports transformers for its type names."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=4, num_single_layers=4, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+    ).eval()
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4, sample_size=16, shift_factor=0.1,
+    ).eval()
+    pipe = diffusers.FluxPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+                                  tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(1)
+    prompt, pooled = torch.randn(3, 8, 32, generator=g), torch.randn(3, 32, generator=g)
+
+    def run():
+        return pipe(prompt_embeds=prompt, pooled_prompt_embeds=pooled, height=16, width=16, num_inference_steps=2,
+                    guidance_scale=1.0, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+
+    ref = run()
+    d2m.dense_to_moe(transformer, d2m.Dense2MoEConfig(num_slices=4, num_shared=1, top_k=1,
+                                                      assignment="contiguous", router_init="random"))
+    routers = d2m.add_mob(transformer, d2m.MoBConfig(group_size=2, top_k=1, keep_ends=1))
+    assert len(routers) == 2 and isinstance(transformer.single_transformer_blocks[1], d2m.MoBBlock)
+    _randomise_routers(routers, scale=0.5)
+    sparse = run()
+    assert sparse.shape == ref.shape == (3, 3, 16, 16) and (sparse - ref).abs().max() > 1e-5
+    prev = d2m.set_all_active(transformer)
+    torch.testing.assert_close(run(), ref, rtol=1e-4, atol=1e-4)  # every expert and block: the dense pipeline
+    d2m.set_all_active(transformer, prev)
+    assert d2m.activated_parameters(transformer) < sum(p.numel() for p in transformer.parameters())
+    d2m.save_converted(transformer, tmp_path / "flux")
+    pipe.transformer = d2m.load_converted(tmp_path / "flux")
+    torch.testing.assert_close(run(), sparse)

@@ -6,7 +6,7 @@ Prints four sections and exits 0 whatever it finds (it is a report, not a gate):
 - ``cuda``: whether CUDA is usable, device name and compute capability;
 - ``gsplat kernels``: on a GPU, renders a tiny scene with ``backend="gsplat"`` (which builds the
   CUDA code on first use) and compares it with the pure-PyTorch twin; without CUDA, skipped;
-- ``extras``: xformers, mesh (open3d, trimesh), sfm (pycolmap), viewer (viser), gen (diffusers),
+- ``extras``: xformers, mesh (open3d, trimesh), sfm (pycolmap), viewer (viser), gen (diffusers, transformers),
   lpips and whether its backbone weights are on disk; each missing one with its ``pip install`` line,
   or, when the package is installed but a system library it loads is not (open3d without
   ``libusb-1.0.so.0``), the ``apt-get install`` line.
@@ -40,7 +40,7 @@ EXTRAS = [  # (extra, import names)
     ("mesh", ("open3d", "trimesh")),
     ("sfm", ("pycolmap",)),
     ("viewer", ("viser",)),
-    ("gen", ("diffusers",)),
+    ("gen", ("diffusers", "transformers")),
     ("lpips", ("lpips",)),
 ]
 
