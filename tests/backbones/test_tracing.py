@@ -4,7 +4,8 @@ TorchScript and FX (forward, backward, FX-then-script) are covered by timm's own
 ``tests/backbones/timm_suite``. ``test_compile_fullgraph`` uses ``backend="eager"``: it checks that
 dynamo captures the whole model in one graph (what ``fullgraph=True`` demands) without inductor's
 C++ code generation. ``test_compile_inductor`` runs the default backend (inductor, C++ on the CPU)
-and compares with eager. Inductor compiles for tens of seconds per family on one core, so the
+and compares with eager. Inductor compiles for tens of seconds per family on one core (cold cache,
+shared 2-core machine: affnet_et 52 s, ffnet_1 54 s, transnext_micro 115 s, ewa_vit_tiny 26 s), so the
 default suite runs it on ``INDUCTOR_DEFAULT`` only; ``VISION3D_INDUCTOR=all`` runs every family,
 ``VISION3D_INDUCTOR=affnet_et,transnext_micro`` the listed ones::
 
