@@ -15,8 +15,10 @@ under bf16 autocast.
 
 ``--peers`` times each family's model beside a timm model of similar GMACs (not a smaller one), batch
 1, eval, interleaved rounds (median of per-round times, so load on a shared machine hits both alike),
-and prints time per GMAC and the ratio ours / peer (goal: <= 1.2). Models with ``reparameterize()``
-are also timed in their inference structure, EWA in its training-time MoE form (eval).
+and prints time per GMAC and the ratio ours / peer (goal: <= 1.2): the median over rounds of the
+per-round ratio (ours and the peer timed back to back), with its interquartile range as the spread.
+Models with ``reparameterize()`` are also timed in their inference structure, EWA in its
+training-time MoE form (eval). ``--only ffnet_1`` restricts the pairs to the named families.
 """
 
 from __future__ import annotations
@@ -119,7 +121,10 @@ def bench_peers(args) -> tuple[list[dict], str]:
 
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if args.device == "cuda" else torch.autocast("cpu", enabled=False)
     rows = []
-    for ours, peer in PEERS:
+    pairs = [(o, p) for o, p in PEERS if not args.only or o in args.only]
+    if args.only and len(pairs) != len(args.only):
+        raise SystemExit(f"--only: expected names among {[o for o, _ in PEERS]}, got {args.only}")
+    for ours, peer in pairs:
         torch.manual_seed(0)
         models = {ours: timm.create_model(ours).eval(), peer: timm.create_model(peer).eval()}
         if hasattr(models[ours], "reparameterize"):
@@ -138,18 +143,23 @@ def bench_peers(args) -> tuple[list[dict], str]:
             for _ in range(args.iters):
                 for k, m in models.items():
                     times[k].append(_ms_per_image(m, x, args.device))
-        peer_tpg = statistics.median(times[peer]) / gmacs[peer]
         for k in models:
             ms = statistics.median(times[k])
+            # per-round ratio of time per GMAC, ours / peer (both timed in the same round)
+            per_round = sorted((t / gmacs[k]) / (tp / gmacs[peer]) for t, tp in zip(times[k], times[peer]))
+            q1, q3 = statistics.quantiles(per_round, n=4)[0::2] if len(per_round) > 1 else (per_round[0],) * 2
             rows.append(dict(model=k, peer=peer, size=size, gmacs=gmacs[k], ms=ms, ms_per_gmac=ms / gmacs[k],
-                             ratio=(ms / gmacs[k]) / peer_tpg if k != peer else 1.0))
+                             ratio=statistics.median(per_round) if k != peer else 1.0,
+                             ratio_iqr=[q1, q3] if k != peer else [1.0, 1.0], ms_rounds=times[k]))
             print(f"  {k:34s} {gmacs[k]:6.2f} GMACs {ms:8.2f} ms  {ms / gmacs[k]:7.2f} ms/GMAC", file=sys.stderr)
         del models
-    header = ["model", "peer", "size", "GMACs", "ms (b1)", "ms/GMAC", "ours/peer per GMAC"]
+    header = ["model", "peer", "size", "GMACs", "ms (b1)", "ms/GMAC", "ours/peer per GMAC", "IQR over rounds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        ratio = "(peer)" if r["model"] == r["peer"] else f"{r['ratio']:.2f}x"
-        lines.append(f"| {r['model']} | {r['peer']} | {r['size']} | {r['gmacs']:.2f} | {r['ms']:.2f} | {r['ms_per_gmac']:.2f} | {ratio} |")
+        peer_row = r["model"] == r["peer"]
+        ratio = "(peer)" if peer_row else f"{r['ratio']:.2f}x"
+        iqr = "" if peer_row else f"{r['ratio_iqr'][0]:.2f}-{r['ratio_iqr'][1]:.2f}"
+        lines.append(f"| {r['model']} | {r['peer']} | {r['size']} | {r['gmacs']:.2f} | {r['ms']:.2f} | {r['ms_per_gmac']:.2f} | {ratio} | {iqr} |")
     return rows, "\n".join(lines)
 
 
@@ -180,6 +190,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--peers", action="store_true", help="speed per GMAC against timm peers of similar GMACs (batch 1)")
     ap.add_argument("--peer-size", type=int, default=None, help="--peers input size (default: the peer's cfg size)")
+    ap.add_argument("--only", nargs="*", default=None, help="--peers: only these of our models (e.g. ffnet_1)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
