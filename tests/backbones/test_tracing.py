@@ -61,12 +61,17 @@ def test_compile_fullgraph(name):
 
 
 @pytest.mark.parametrize("name", [_inductor_param(n) for n in sorted(SMALLEST)])
-def test_compile_inductor(name):
-    """Default backend (inductor's C++ kernels): one graph, outputs equal eager's within float32 re-association."""
+def test_compile_inductor(name, tmp_path):
+    """Default backend (inductor's C++ kernels): one graph, outputs equal eager's within float32 re-association.
+
+    Compiled in a private cache folder: a compile killed half-way (Ctrl-C, a timeout) leaves a truncated ``.so``
+    in the shared ``/tmp/torchinductor_<user>`` that later runs would load and fail on ("file too short")."""
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
     torch._dynamo.reset()
     model, x = _model(name)
     compiled = torch.compile(model, fullgraph=True)
-    with torch.no_grad():
+    with temporary_cache_dir(str(tmp_path / "inductor")), torch.no_grad():
         expected = model(x)
         torch.testing.assert_close(compiled(x), expected, atol=1e-4, rtol=1e-3)
         x2 = torch.randn_like(x)  # a second input through the compiled graph (no recompilation needed)
