@@ -15,21 +15,30 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 diffusers = pytest.importorskip("diffusers")
 
 
-def _flux():
+def _tiny_flux(num_layers: int, num_single_layers: int, in_channels: int = 4):
     torch.manual_seed(0)
-    model = diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=2, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=in_channels, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=(4, 4, 8),
     ).eval()
+
+
+def _flux_inputs(timesteps: list[float]) -> dict:
+    """Keyword inputs of a 4x4-token image and 8 text tokens, one sample per timestep."""
     g = torch.Generator().manual_seed(1)
     img_ids = torch.zeros(16, 3)
     img_ids[:, 1], img_ids[:, 2] = torch.arange(16) // 4, torch.arange(16) % 4
-    kw = dict(
-        hidden_states=torch.randn(2, 16, 4, generator=g), encoder_hidden_states=torch.randn(2, 8, 32, generator=g),
-        pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([0.3, 0.8]),
+    B = len(timesteps)
+    return dict(
+        hidden_states=torch.randn(B, 16, 4, generator=g), encoder_hidden_states=torch.randn(B, 8, 32, generator=g),
+        pooled_projections=torch.randn(B, 32, generator=g), timestep=torch.tensor(timesteps),
         img_ids=img_ids, txt_ids=torch.zeros(8, 3), return_dict=False,
     )
-    return model, kw
+
+
+def _flux():
+    return _tiny_flux(2, 1), _flux_inputs([0.3, 0.8])
 
 
 def _out_loss(model, kw):
@@ -107,20 +116,7 @@ def test_converted_dit_runs_in_its_diffusers_pipeline():
 
 # ------------------------------------------------------------------------------------------------ Mixture of Blocks
 def _flux4():
-    torch.manual_seed(0)
-    model = diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=4, num_single_layers=4, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
-    ).eval()
-    g = torch.Generator().manual_seed(1)
-    img_ids = torch.zeros(16, 3)
-    img_ids[:, 1], img_ids[:, 2] = torch.arange(16) // 4, torch.arange(16) % 4
-    B = 4
-    kw = dict(
-        hidden_states=torch.randn(B, 16, 4, generator=g), encoder_hidden_states=torch.randn(B, 8, 32, generator=g),
-        pooled_projections=torch.randn(B, 32, generator=g), timestep=torch.tensor([0.1, 0.4, 0.7, 0.95]),
-        img_ids=img_ids, txt_ids=torch.zeros(8, 3), return_dict=False,
-    )
+    model, kw = _tiny_flux(4, 4), _flux_inputs([0.1, 0.4, 0.7, 0.95])
     return model, kw, ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
 
 
@@ -285,11 +281,7 @@ def test_moe_and_mob_flux_runs_in_its_diffusers_pipeline(tmp_path):
     """FluxPipeline with the converted transformer (MoE, then MoB): prompt embeddings are given, so no text
     encoder or tokenizer (and no download) is needed; the pipeline imports transformers for its type names."""
     pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    transformer = diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=4, num_single_layers=4, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
-    ).eval()
+    transformer = _tiny_flux(4, 4, in_channels=16)  # the pipeline packs 2x2 patches of 4 latent channels
     vae = diffusers.AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4, sample_size=16, shift_factor=0.1,
