@@ -82,3 +82,4 @@ def test_nearest_view_baselines_are_sound(tmp_path):
     torch.testing.assert_close(warped, ex.context_images[0].float(), atol=1e-4, rtol=0)
     base = trivial_baselines(ds)  # targets are the context views: copying is perfect, the mean colour is not
     assert base["nearest_view"] == float("inf") and base["nearest_reprojected"] > 40 and base["mean_colour"] < 20
+    assert base["two_views_reprojected"] > 40  # a target on a context camera takes that view alone
