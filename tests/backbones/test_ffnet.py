@@ -25,6 +25,19 @@ CASES = ["public", "nols", "authors"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+
+def _randomise_bn(model, g, conv_scale: float) -> None:
+    """Non-trivial BatchNorm statistics and larger conv weights, so folding BatchNorm is really exercised."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+            elif isinstance(m, torch.nn.Conv2d):
+                m.weight.mul_(conv_scale)
+
 def _load(case):
     tensors = load_file(str(LOCAL_FIXTURES / "ffnet" / f"{case}.safetensors"))
     meta = json.loads((LOCAL_FIXTURES / "ffnet" / f"{case}.json").read_text())
@@ -121,15 +134,7 @@ def test_reparameterize_random_official_block_structure():
     model = FFNet(embed_dims=(8, 16, 32, 64), depths=(1, 1, 2, 1), stem_chs=8, kernel_sizes=(7, 7, 7, 7),
                   layer_scale_init_value=0.5, num_classes=7)
     g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-            elif isinstance(m, torch.nn.Conv2d):
-                m.weight.mul_(20)
+    _randomise_bn(model, g, conv_scale=20)
     model.eval()
     x = torch.randn(1, 3, 70, 45)
     with torch.no_grad():
@@ -209,15 +214,7 @@ def _perturbed_model(kernel_sizes, layer_scale, seed=0) -> FFNet:
     model = FFNet(embed_dims=(8, 16, 32, 64), depths=(1, 1, 2, 1), stem_chs=8, kernel_sizes=kernel_sizes,
                   use_ses=(True, False, False, False), layer_scale_init_value=layer_scale, num_classes=7)
     g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-            elif isinstance(m, torch.nn.Conv2d):
-                m.weight.mul_(5)
+    _randomise_bn(model, g, conv_scale=5)
     return model
 
 

@@ -37,6 +37,22 @@ def _flux_inputs(timesteps: list[float]) -> dict:
     )
 
 
+def _tiny_pixart(num_layers: int, timesteps: list[int]):
+    """A tiny PixArt transformer and its keyword inputs, one sample per timestep."""
+    torch.manual_seed(0)
+    model = diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=num_layers,
+        cross_attention_dim=16, sample_size=8, patch_size=2, norm_num_groups=2, caption_channels=12,
+        use_additional_conditions=False,
+    ).eval()
+    g = torch.Generator().manual_seed(0)
+    B = len(timesteps)
+    kw = dict(hidden_states=torch.randn(B, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(B, 5, 12, generator=g),
+              timestep=torch.tensor(timesteps), added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+              return_dict=False)
+    return model, kw
+
+
 def _flux():
     return _tiny_flux(2, 1), _flux_inputs([0.3, 0.8])
 
@@ -68,16 +84,7 @@ def test_flux_converts_in_place_exactly_and_round_trips(tmp_path):
 
 
 def test_pixart_converts_exactly():
-    torch.manual_seed(0)
-    model = diffusers.PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-        cross_attention_dim=16, sample_size=8, patch_size=2, norm_num_groups=2, caption_channels=12,
-        use_additional_conditions=False,
-    ).eval()
-    g = torch.Generator().manual_seed(0)
-    kw = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(2, 5, 12, generator=g),
-              timestep=torch.tensor([10, 500]), added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-              return_dict=False)
+    model, kw = _tiny_pixart(2, [10, 500])
     with torch.no_grad():
         ref = model(**kw)[0]
     d2m.dense_to_moe(model, d2m.Dense2MoEConfig(num_slices=4, num_shared=1, top_k=1), loss_fn=_out_loss, calibration=[kw])
@@ -121,16 +128,7 @@ def _flux4():
 
 
 def _pixart4():
-    torch.manual_seed(0)
-    model = diffusers.PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=4,
-        cross_attention_dim=16, sample_size=8, patch_size=2, norm_num_groups=2, caption_channels=12,
-        use_additional_conditions=False,
-    ).eval()
-    g = torch.Generator().manual_seed(0)
-    kw = dict(hidden_states=torch.randn(4, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(4, 5, 12, generator=g),
-              timestep=torch.tensor([10, 300, 600, 950]), added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-              return_dict=False)
+    model, kw = _tiny_pixart(4, [10, 300, 600, 950])
     return model, kw, ("hidden_states", "encoder_hidden_states", "timestep")
 
 
