@@ -10,6 +10,13 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from tests.backbones.fastpath import (
+    assert_cache_holds_ordinary_tensors_and_clears,
+    assert_fast_matches_plain,
+    assert_nchw_contiguous_outputs,
+    fold_caches,
+    randomise_bn,
+)
 from tests.conftest import fixture_files
 from vision3d.backbones.affnet import AdaptiveFrequencyFilter, checkpoint_filter_fn
 
@@ -163,3 +170,62 @@ def test_reparameterize_folds_batchnorm_exactly():
         torch.testing.assert_close(reparameterize_model(model)(x), ref, atol=1e-5, rtol=1e-4)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     fused.reparameterize()  # idempotent
+
+
+# --- fast paths (channels-last, GEMM pointwise convs, BatchNorm folded in eval, real-GEMM filter) vs plain calls ---
+def _perturbed_model(seed=0, **kw):
+    from vision3d.backbones.affnet import AFFNet
+
+    torch.manual_seed(seed)
+    model = AFFNet(widths=(8, 16, 16, 24, 32), depths=(1, 2, 1, 2, 1), stem_chs=8, num_classes=7, **kw)
+    randomise_bn(model, torch.Generator().manual_seed(seed + 1), conv_scale=2)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, AdaptiveFrequencyFilter):  # masks well past the softshrink threshold
+                for p in m.parameters():
+                    p.mul_(25)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_fast_path_matches_plain_modules(monkeypatch, mode):
+    x = torch.randn(2, 3, 45, 38, generator=torch.Generator().manual_seed(5))
+    assert_fast_matches_plain(monkeypatch, _perturbed_model(), x, mode)
+
+
+def test_fold_cache_follows_parameter_updates():
+    """Eval-time folded weights (convs and filter blocks) are reused only while their sources are unchanged."""
+    import copy
+
+    model = _perturbed_model().eval()
+    other = _perturbed_model(seed=3).eval()
+    x = torch.randn(1, 3, 40, 40)
+
+    def fresh(m):
+        return copy.deepcopy(m).reparameterize()(x)  # BatchNorms fused, filter caches start empty
+
+    with torch.inference_mode():
+        first = model(x)
+    assert all(c.value is not None for c in fold_caches(model))
+    torch.testing.assert_close(first, fresh(model).detach(), atol=1e-5, rtol=1e-4)
+    model.load_state_dict(other.state_dict())  # in-place copies: new versions
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fresh(other), atol=1e-5, rtol=1e-4)
+        model.stages[3][1].layers[0].filter.w2.mul_(1.5)  # an optimiser-like in-place update
+        model.stages[1][0].conv_dw.bn.running_var.mul_(3.0)
+        torch.testing.assert_close(model(x), fresh(model), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(copy.deepcopy(model).double()(x.double()).float(), model(x), atol=1e-5, rtol=1e-4)
+    assert_cache_holds_ordinary_tensors_and_clears(model, x)
+
+
+def test_inference_mode_built_model_works():
+    """Parameters made under inference_mode keep no version counter: the caches step aside."""
+    with torch.inference_mode():
+        model = _perturbed_model().eval()
+        x = torch.randn(1, 3, 32, 32)
+        a, b = model(x), model(x)
+    torch.testing.assert_close(a, b)
+
+
+def test_outputs_are_nchw_contiguous():
+    assert_nchw_contiguous_outputs(_perturbed_model().eval(), torch.randn(1, 3, 64, 64))

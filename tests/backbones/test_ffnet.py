@@ -11,6 +11,12 @@ import torch
 from safetensors.torch import load_file
 from timm.utils import reparameterize_model
 
+from tests.backbones.fastpath import (
+    assert_cache_holds_ordinary_tensors_and_clears,
+    assert_fast_matches_plain,
+    assert_nchw_contiguous_outputs,
+    randomise_bn,
+)
 from tests.conftest import LOCAL_FIXTURES
 from vision3d.backbones.ffnet import BnConvSkip, FFNet, RepDwConv, checkpoint_filter_fn, checkpoint_layout
 
@@ -25,18 +31,6 @@ CASES = ["public", "nols", "authors"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
-def _randomise_bn(model, g, conv_scale: float) -> None:
-    """Non-trivial BatchNorm statistics and larger conv weights, so folding BatchNorm is really exercised."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-            elif isinstance(m, torch.nn.Conv2d):
-                m.weight.mul_(conv_scale)
 
 def _load(case):
     tensors = load_file(str(LOCAL_FIXTURES / "ffnet" / f"{case}.safetensors"))
@@ -134,7 +128,7 @@ def test_reparameterize_random_official_block_structure():
     model = FFNet(embed_dims=(8, 16, 32, 64), depths=(1, 1, 2, 1), stem_chs=8, kernel_sizes=(7, 7, 7, 7),
                   layer_scale_init_value=0.5, num_classes=7)
     g = torch.Generator().manual_seed(3)
-    _randomise_bn(model, g, conv_scale=20)
+    randomise_bn(model, g, conv_scale=20)
     model.eval()
     x = torch.randn(1, 3, 70, 45)
     with torch.no_grad():
@@ -214,48 +208,15 @@ def _perturbed_model(kernel_sizes, layer_scale, seed=0) -> FFNet:
     model = FFNet(embed_dims=(8, 16, 32, 64), depths=(1, 1, 2, 1), stem_chs=8, kernel_sizes=kernel_sizes,
                   use_ses=(True, False, False, False), layer_scale_init_value=layer_scale, num_classes=7)
     g = torch.Generator().manual_seed(seed + 1)
-    _randomise_bn(model, g, conv_scale=5)
+    randomise_bn(model, g, conv_scale=5)
     return model
-
-
-def _forward_backward(model, x):
-    model.zero_grad(set_to_none=True)
-    out = model(x)
-    (out**2).sum().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("kernel_sizes,layer_scale", [((3, 3, 3, 3), None), ((7, 7, 7, 7), 0.5)])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_fast_path_matches_plain_modules(monkeypatch, kernel_sizes, layer_scale, mode):
-    """The eager fast path (float32) equals the plain module calls (TorchScript's path, in float64 as
-    the oracle), values and gradients, with running statistics (eval: folded BatchNorms, cached when
-    no gradient reaches them) and batch statistics (train); the plain path in float32 agrees as well."""
-    model = _perturbed_model(kernel_sizes, layer_scale)
-    model.train(mode == "train")
     x = torch.randn(2, 3, 45, 38, generator=torch.Generator().manual_seed(5))
-    fast = copy.deepcopy(model)
-    out_fast, grads_fast = _forward_backward(fast, x)
-    with torch.no_grad():
-        copy.deepcopy(fast).eval()(x)  # a cached eval forward in between changes nothing
-    with monkeypatch.context() as mp:
-        mp.setattr(torch.jit, "is_scripting", lambda: True)  # forwards take the plain branches
-        ref64 = copy.deepcopy(model).double()
-        out_ref, grads_ref = _forward_backward(ref64, x.double())
-        out_plain, grads_plain = _forward_backward(model, x)
-    assert out_ref.abs().max() > 1e-2
-    assert grads_fast.keys() == grads_ref.keys() and len(grads_ref) == len(list(model.parameters()))
-    top = max(g.abs().max().item() for g in grads_ref.values())
-    assert top > 0
-    for out, grads in ((out_fast, grads_fast), (out_plain, grads_plain)):
-        torch.testing.assert_close(out.double(), out_ref, atol=1e-5 * out_ref.abs().max().item(), rtol=1e-4)
-        for n, g_ref in grads_ref.items():
-            # a bias right before a batch-statistics BatchNorm has an analytically zero gradient: judge it on the model's scale
-            scale = max(g_ref.abs().max().item(), 1e-3 * top)
-            torch.testing.assert_close(grads[n].double(), g_ref, atol=1e-4 * scale, rtol=1e-3, msg=lambda m: f"{n}: {m}")
-    if mode == "train":  # the running statistics were updated alike
-        for (n, b), b_ref in zip(fast.named_buffers(), ref64.buffers()):
-            torch.testing.assert_close(b.double(), b_ref.double(), atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+    assert_fast_matches_plain(monkeypatch, _perturbed_model(kernel_sizes, layer_scale), x, mode)
 
 
 def test_fold_cache_follows_parameter_updates():
@@ -279,19 +240,8 @@ def test_fold_cache_follows_parameter_updates():
         torch.testing.assert_close(model(x), fresh(model), atol=1e-5, rtol=1e-4)
         model64 = copy.deepcopy(model).double()
         torch.testing.assert_close(model64(x.double()).float(), model(x), atol=1e-5, rtol=1e-4)
-    # autograd through the input with frozen weights: the cache holds ordinary (non-inference) tensors
-    model.requires_grad_(False)
-    xg = x.clone().requires_grad_(True)
-    model(xg).sum().backward()
-    assert xg.grad is not None and xg.grad.abs().sum() > 0
-    model.train()
-    assert all(m.fold_cache.value is None for m in model.modules() if hasattr(m, "fold_cache"))
+    assert_cache_holds_ordinary_tensors_and_clears(model, x)
 
 
 def test_outputs_are_nchw_contiguous():
-    """Channels-last is internal: features and intermediates come back NCHW-contiguous."""
-    model = _perturbed_model((3, 3, 3, 3), None).eval()
-    with torch.no_grad():
-        final, inter = model.forward_intermediates(torch.randn(1, 3, 64, 64))
-        feats = model.forward_features(torch.randn(1, 3, 64, 64))
-    assert all(t.is_contiguous() for t in [final, feats, *inter])
+    assert_nchw_contiguous_outputs(_perturbed_model((3, 3, 3, 3), None).eval(), torch.randn(1, 3, 64, 64))

@@ -3,16 +3,18 @@ unwrapping, and errors that name the variant, key and shape when a checkpoint do
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import register_notrace_function
 from timm.models._builder import resolve_pretrained_cfg
 
 from vision3d.utils.state import state_dict_differences
 
-__all__ = ["require_local_weights", "local_weights_path", "unwrap_state_dict", "check_converted_state_dict", "check_input", "factory_device", "is_tracing", "bn_scale_shift", "conv_with_weights", "fuse_conv_bn"]
+__all__ = ["require_local_weights", "local_weights_path", "unwrap_state_dict", "check_converted_state_dict", "check_input", "factory_device", "is_tracing", "bn_scale_shift", "conv_with_weights", "fuse_conv_bn",
+           "bn_folds", "pointwise_conv", "act_nhwc", "bn_sources", "FoldCache", "clear_fold_caches"]
 
 
 def local_weights_path(url: str) -> Path:
@@ -171,3 +173,64 @@ def is_tracing() -> bool:
 
     symbolic = getattr(fx_trace, "is_fx_symbolic_tracing", None) or fx_trace.is_fx_tracing
     return torch.compiler.is_compiling() or symbolic()
+
+
+# ---------------------------------------------------------------------------------------------
+# eval-time fast paths shared by the convolutional families (FFNet, AFFNet)
+# ---------------------------------------------------------------------------------------------
+def bn_folds(bn: nn.Module) -> bool:
+    """True when ``bn`` normalises with its running statistics (eval mode), so it folds into a conv."""
+    return isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None
+
+
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """1x1 conv as a GEMM over the NHWC view: [B, C_in, H, W] -> [B, C_out, H, W] (channels-last)."""
+    return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+
+
+def act_nhwc(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Element-wise ``act`` applied on the NHWC view (same values, faster kernel for channels-last)."""
+    return act(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def bn_sources(bn: nn.Module) -> List[torch.Tensor]:
+    return [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
+
+
+class FoldCache:
+    """Eval-time cache of one module's folded ``(weight, bias)``, exact: keyed by the identity,
+    in-place version, dtype and device of every tensor it is computed from (an optimiser step,
+    ``load_state_dict`` or ``.to()`` changes the key). Bypassed (recomputed) while tracing
+    (FX / ``torch.compile`` / ``torch.export``) and whenever autograd reaches those tensors, so
+    gradients flow exactly as through the BatchNorm, and for inference tensors (parameters made
+    under ``torch.inference_mode``, which keep no version counter). Writes through ``tensor.data`` do not bump the
+    version and are not seen: call :meth:`clear` (or ``model.train()``) after such edits."""
+
+    def __init__(self) -> None:
+        self.key: Optional[Tuple[Any, ...]] = None
+        self.value: Optional[Tuple[torch.Tensor, ...]] = None
+
+    def get(
+        self, sources: Sequence[torch.Tensor], extra: Any, compute: Callable[[], Tuple[torch.Tensor, ...]]
+    ) -> Tuple[torch.Tensor, ...]:
+        if is_tracing() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+            return compute()
+        if any(t.is_inference() for t in sources):  # made under inference_mode: no version counter to key on
+            return compute()
+        key = (extra,) + tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        if self.value is None or key != self.key:
+            with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, usable outside inference mode
+                self.value = compute()
+            self.key = key
+        return self.value
+
+    def clear(self) -> None:
+        self.key, self.value = None, None
+
+
+def clear_fold_caches(model: nn.Module) -> None:
+    """Drop every :class:`FoldCache` under ``model`` (called when a model enters training)."""
+    for m in model.modules():
+        cache = getattr(m, "fold_cache", None)
+        if isinstance(cache, FoldCache):
+            cache.clear()

@@ -40,6 +40,21 @@ The table's counts are these numbers truncated to one decimal (2.65M is listed a
 5.5M; the authors' cvnets profiler may also leave small tensors out). With 100 classes the AFFNet-ET count equals the parameter count of the authors' own state dict
 in the shared reference fixture.
 
+Fast paths
+----------
+Eager, FX, ``torch.compile`` and ``torch.export`` run the fast path shared with FFNet
+(``vision3d/backbones/_helpers.py``); TorchScript runs the plain module calls, and tests check that
+both agree (values, gradients, running statistics, float64 oracle). Activations travel as
+NCHW-shaped tensors in channels-last memory, 1x1 convs run as GEMMs on the NHWC view, activations
+on the NHWC view, and in eval mode each BatchNorm is folded into its conv (cached, keyed on the
+source tensors' versions), so the training structure computes like :meth:`AFFNet.reparameterize`'s.
+The frequency filter runs its FFTs on NCHW-contiguous data (the transform axes innermost) and its
+block-diagonal complex MLP as one real ``[[A, -B], [B, A]]`` GEMM per group and layer (the same
+multiply-adds as the four real einsums of the complex product). Features and intermediates are
+returned NCHW-contiguous. On one CPU thread at batch 1 and 256 x 256 this took affnet_et from
+1.33x to 1.05x of mobilevit_xxs's time per GMAC (1.00x after ``reparameterize()``);
+see ``tools/bench/backbones.py --peers``.
+
 The authors' ``mode`` names are ``xx_small``, ``x_small`` and ``small``; their config file also
 has unreleased ``base``/``large`` modes, which are not registered here.
 """
@@ -66,7 +81,14 @@ from timm.models._features import feature_take_indices
 from vision3d.backbones._helpers import (
     check_converted_state_dict,
     factory_device,
+    FoldCache,
+    act_nhwc,
+    bn_folds,
+    bn_scale_shift,
+    bn_sources,
+    clear_fold_caches,
     fuse_conv_bn,
+    pointwise_conv,
     require_local_weights,
     unwrap_state_dict,
 )
@@ -80,7 +102,50 @@ __all__ = ["AFFNet", "checkpoint_filter_fn"]
 # ---------------------------------------------------------------------------------------------
 class ConvNormAct(_TimmConvNormAct):
     """timm's ``ConvNormAct`` (same keys) with ``reparameterize()``: BatchNorm folded into a biased conv,
-    its activation kept (``timm.utils.reparameterize_model`` finds it)."""
+    its activation kept (``timm.utils.reparameterize_model`` finds it).
+
+    Outside TorchScript it takes the fast path shared with FFNet (see "fast paths" in the module
+    docstring): a 1x1 conv runs as a GEMM on the NHWC view, an eval-mode BatchNorm is folded into the
+    conv (cached, exact), and the activation runs on the NHWC view. With batch statistics (training)
+    the BatchNorm runs as a module."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        c = self.conv
+        self.fast = type(c) is nn.Conv2d and c.padding_mode == "zeros" and getattr(self, "aa", None) is None
+        self.is_pointwise = self.fast and c.kernel_size == (1, 1) and c.stride == (1, 1) and c.padding == (0, 0) and c.groups == 1
+        self.fold_cache = FoldCache()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C_in, H, W] -> [B, C_out, H/s, W/s]
+        if not torch.jit.is_scripting():
+            if self.fast:
+                return self._forward_fast(x)
+        return self.bn(self.conv(x))
+
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        if bn_folds(bn):
+            y = self._conv(x, *self.fold_cache.get(self.fold_sources(), bn.eps, self._fold))
+            return act_nhwc(bn.act, bn.drop(y))
+        if isinstance(bn, nn.Sequential):  # re-parameterised (or no norm): the conv carries the bias
+            return act_nhwc(bn, self._conv(x, self.conv.weight, self.conv.bias))
+        return bn(self._conv(x, self.conv.weight, self.conv.bias))
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.is_pointwise:
+            return pointwise_conv(x, weight, bias)
+        c = self.conv
+        return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+
+    def fold_sources(self) -> List[torch.Tensor]:
+        conv = [self.conv.weight] if self.conv.bias is None else [self.conv.weight, self.conv.bias]
+        return conv + bn_sources(self.bn)
+
+    def _fold(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias of ``bn(conv(x))`` with the eval-mode BatchNorm folded in (differentiable)."""
+        scale, shift = bn_scale_shift(self.bn)
+        bias = shift if self.conv.bias is None else self.conv.bias * scale + shift
+        return self.conv.weight * scale.reshape(-1, 1, 1, 1), bias
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -89,6 +154,7 @@ class ConvNormAct(_TimmConvNormAct):
             return  # already fused (or no norm)
         self.conv = fuse_conv_bn(self.conv, bn)
         self.bn = nn.Sequential(getattr(bn, "drop", nn.Identity()), getattr(bn, "act", nn.Identity()))
+        self.fold_cache.clear()
 
 
 class MobileBlock(nn.Module):
@@ -129,7 +195,8 @@ class AdaptiveFrequencyFilter(nn.Module):
     MLP shared over frequencies (weights ``[in, out]`` per group, real part index 0, imaginary
     part index 1; activation applied to real and imaginary parts separately; softshrink on the
     output) gives the mask ``M``; the result is ``irfft2(M * X, s=(H, W), norm='ortho') + x``.
-    Computed in float32 with autocast disabled, cast back to the input dtype.
+    Computed in float32 with autocast disabled, cast back to the input dtype. :meth:`_filter` is the
+    complex statement (TorchScript's path); :meth:`_filter_fast` computes the same with real GEMMs.
     """
 
     def __init__(
@@ -153,6 +220,7 @@ class AdaptiveFrequencyFilter(nn.Module):
         self.b2 = nn.Parameter(0.02 * torch.randn(2, g, s))
         self.act1 = act_layer()
         self.act2 = act_layer()
+        self.fold_cache = FoldCache()  # eval-time block weights of the fast path
 
     @staticmethod
     def _complex_linear(
@@ -175,19 +243,59 @@ class AdaptiveFrequencyFilter(nn.Module):
         mask = torch.complex(m_re, m_im).reshape(B, C, H, spec.shape[-1])
         return torch.fft.irfft2(mask * spec, s=(H, W), dim=(2, 3), norm="ortho")
 
+    def _real_weights(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The two complex layers as real block matrices ``[G, 2S_out, 2S_in]`` and biases ``[G, 2S, 1]``.
+
+        Rows and columns are ordered re block | im block: ``[re'; im'] = [[A, -B], [B, A]] [re; im]``
+        with ``A``, ``B`` the real and imaginary weights transposed to (out, in). One GEMM per group
+        replaces the four real einsums of the complex product (same multiply-adds).
+        """
+        g, s = self.num_groups, self.group_size
+
+        def block(w: torch.Tensor) -> torch.Tensor:
+            re, im = w[0].float().transpose(1, 2), w[1].float().transpose(1, 2)  # [G, out, in]
+            return torch.cat((torch.cat((re, -im), dim=2), torch.cat((im, re), dim=2)), dim=1)
+
+        def bias(b: torch.Tensor) -> torch.Tensor:
+            return b.float().permute(1, 0, 2).reshape(g, 2 * s, 1)
+
+        return block(self.w1), bias(self.b1), block(self.w2), bias(self.b2)
+
+    def _filter_fast(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] float32 -> [B, C, H, W] float32
+        """:meth:`_filter` with the complex MLP as two batched real GEMMs on the channel-first spectrum.
+
+        The FFTs run on NCHW-contiguous data (their transform axes innermost, what pocketfft/MKL
+        want); the GEMMs multiply the block weights into ``[re; im]`` stacked along channels, so
+        no transpose of the spectrum is needed. Eval-mode block weights are cached (:class:`FoldCache`).
+        """
+        B, C, H, W = x.shape
+        g, s = self.num_groups, self.group_size
+        spec = torch.fft.rfft2(x.contiguous(), dim=(2, 3), norm="ortho")  # [B, C, H, Wf] complex
+        wf = spec.shape[-1]
+        n = H * wf
+        z = torch.cat((spec.real.reshape(B, g, s, n), spec.imag.reshape(B, g, s, n)), dim=2)  # [B, G, 2S, N]
+        sources = [self.w1, self.b1, self.w2, self.b2]
+        m1, b1, m2, b2 = self.fold_cache.get(sources, None, self._real_weights)
+        h = torch.matmul(m1, z) + b1
+        h = torch.cat((self.act1(h[:, :, :s]), self.act2(h[:, :, s:])), dim=2)
+        m = F.softshrink(torch.matmul(m2, h) + b2, lambd=self.sparsity_threshold)
+        mask = torch.complex(m[:, :, :s], m[:, :, s:]).reshape(B, C, H, wf)
+        return torch.fft.irfft2(mask * spec, s=(H, W), dim=(2, 3), norm="ortho")
+
     @torch.jit.unused
-    def _filter_autocast_off(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.amp.is_autocast_available(x.device.type):  # e.g. the meta device: no autocast to leave
-            return self._filter(x.float())
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return self._filter(x.float())
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The fast filter in float32 with autocast off; the sum keeps ``x``'s memory format (channels-last inside)."""
+        if torch.amp.is_autocast_available(x.device.type):
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                out = self._filter_fast(x.float())
+        else:  # e.g. the meta device: no autocast to leave
+            out = self._filter_fast(x.float())
+        return x + out.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, C, H, W]
         if torch.jit.is_scripting():
-            out = self._filter(x.float())  # TorchScript: no autocast context to leave
-        else:
-            out = self._filter_autocast_off(x)
-        return out.to(x.dtype) + x
+            return self._filter(x.float()).to(x.dtype) + x  # TorchScript: the NCHW complex form, no autocast to leave
+        return self._forward_fast(x)
 
 
 class AFFLayer(nn.Module):
@@ -375,6 +483,13 @@ class AFFNet(nn.Module):
                 m.reparameterize()
         return self
 
+    def train(self, mode: bool = True) -> "AFFNet":
+        """``nn.Module.train``; entering training also drops the eval-time folded-weight caches."""
+        super().train(mode)
+        if mode:
+            clear_fold_caches(self)
+        return self
+
     # --- timm API ----------------------------------------------------------------------------
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -436,19 +551,19 @@ class AFFNet(nn.Module):
         check_input(x, self.in_chans, self._name())
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         intermediates = []
-        x = self.stem(x)
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))  # channels-last inside (see "fast paths")
         stages = self.stages if (torch.jit.is_scripting() or not stop_early) else self.stages[: max_index + 1]
         last = len(self.stages) - 1
         feat_idx = -1
         for feat_idx, stage in enumerate(stages):
             x = stage(x)
             if feat_idx in take_indices:
-                intermediates.append(x)
+                intermediates.append(x.contiguous())
         if intermediates_only:
             return intermediates
         if feat_idx == last:
             x = self.final_conv(x)
-        return x, intermediates
+        return x.contiguous(), intermediates
 
     def prune_intermediate_layers(
         self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
@@ -467,12 +582,12 @@ class AFFNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, in_chans, H, W] -> [B, num_features, ceil(H/32), ceil(W/32)] (after the expansion conv)."""
         check_input(x, self.in_chans, self._name())
-        x = self.stem(x)
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))  # channels-last inside (see "fast paths")
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.stages, x, flatten=True)
         else:
             x = self.stages(x)
-        return self.final_conv(x)
+        return self.final_conv(x).contiguous()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """[B, num_features, h, w] -> [B, num_classes] logits (or [B, num_features] pooled if ``pre_logits``)."""

@@ -70,11 +70,16 @@ from timm.models._features import feature_take_indices
 from timm.utils.model import reparameterize_model
 
 from vision3d.backbones._helpers import (
+    FoldCache,
+    act_nhwc,
+    bn_folds,
     bn_scale_shift,
+    bn_sources,
     check_converted_state_dict,
+    clear_fold_caches,
     conv_with_weights,
     factory_device,
-    is_tracing,
+    pointwise_conv,
     require_local_weights,
     unwrap_state_dict,
 )
@@ -84,7 +89,8 @@ __all__ = ["FFNet", "checkpoint_filter_fn", "checkpoint_layout"]
 
 
 # ---------------------------------------------------------------------------------------------
-# fast paths (eager, FX, dynamo/inductor, export; TorchScript runs the plain module calls)
+# fast paths (eager, FX, dynamo/inductor, export; TorchScript runs the plain module calls);
+# the helpers (pointwise_conv, act_nhwc, FoldCache, ...) live in _helpers.py, shared with AFFNet
 # ---------------------------------------------------------------------------------------------
 # Activations travel as NCHW-shaped tensors in channels-last memory (``forward_features`` converts
 # the input once): depthwise convolutions then run oneDNN's NHWC kernels without layout reorders,
@@ -94,53 +100,6 @@ __all__ = ["FFNet", "checkpoint_filter_fn", "checkpoint_layout"]
 # the CPU). In eval mode every BatchNorm that follows a conv is folded into that conv's weight and
 # bias on the fly, and a RepVGG pair into one kernel, so the training structure computes like the
 # deploy one; with batch statistics (training) the BatchNorms run as modules.
-def _bn_folds(bn: nn.Module) -> bool:
-    """True when ``bn`` normalises with its running statistics (eval mode), so it folds into a conv."""
-    return isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None
-
-
-def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """1x1 conv as a GEMM over the NHWC view: [B, C_in, H, W] -> [B, C_out, H, W] (channels-last)."""
-    return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
-
-
-def _act_nhwc(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Element-wise ``act`` applied on the NHWC view (same values, faster kernel for channels-last)."""
-    return act(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-def _bn_sources(bn: nn.Module) -> List[torch.Tensor]:
-    return [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
-
-
-class _FoldCache:
-    """Eval-time cache of one module's folded ``(weight, bias)``, exact: keyed by the identity,
-    in-place version, dtype and device of every tensor it is computed from (an optimiser step,
-    ``load_state_dict`` or ``.to()`` changes the key). Bypassed (recomputed) while tracing
-    (FX / ``torch.compile`` / ``torch.export``) and whenever autograd reaches those tensors, so
-    gradients flow exactly as through the BatchNorm. Writes through ``tensor.data`` do not bump the
-    version and are not seen: call :meth:`clear` (or ``model.train()``) after such edits."""
-
-    def __init__(self) -> None:
-        self.key: Optional[Tuple[Any, ...]] = None
-        self.value: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-
-    def get(
-        self, sources: Sequence[torch.Tensor], extra: Any, compute: Callable[[], Tuple[torch.Tensor, torch.Tensor]]
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        if is_tracing() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
-            return compute()
-        key = (extra,) + tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
-        if self.value is None or key != self.key:
-            with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, usable outside inference mode
-                self.value = compute()
-            self.key = key
-        return self.value
-
-    def clear(self) -> None:
-        self.key, self.value = None, None
-
-
 class ActNhwc(nn.Module):
     """An element-wise activation that runs on the NHWC view of its NCHW-shaped input."""
 
@@ -150,7 +109,7 @@ class ActNhwc(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W]
         if not torch.jit.is_scripting():
-            return _act_nhwc(self.act, x)
+            return act_nhwc(self.act, x)
         return self.act(x)
 
 
@@ -165,7 +124,7 @@ class ConvBn(nn.Module):
         self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
         self.bn: nn.Module = nn.BatchNorm2d(out_chs)
         self.is_pointwise = kernel_size == 1 and stride == 1 and groups == 1
-        self.fold_cache = _FoldCache()
+        self.fold_cache = FoldCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C_in, H, W] -> [B, C_out, H/s, W/s]
         if not torch.jit.is_scripting():
@@ -175,16 +134,16 @@ class ConvBn(nn.Module):
     def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.bn, nn.Identity):  # re-parameterised: the conv carries the bias
             return self._conv(x, self.conv.weight, self.conv.bias)
-        if _bn_folds(self.bn):
+        if bn_folds(self.bn):
             return self._conv(x, *self.fold_cache.get(self.fold_sources(), self.bn.eps, self._fold))
         return self.bn(self._conv(x, self.conv.weight, None))
 
     def fold_sources(self) -> List[torch.Tensor]:
-        return [self.conv.weight] + _bn_sources(self.bn)
+        return [self.conv.weight] + bn_sources(self.bn)
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         if self.is_pointwise:
-            return _pointwise(x, weight, bias)
+            return pointwise_conv(x, weight, bias)
         c = self.conv
         return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
 
@@ -223,7 +182,7 @@ class RepDwConv(nn.Module):
         self.large: Optional[ConvBn] = ConvBn(in_chs, out_chs, kernel_size, stride, groups=in_chs)
         self.small: Optional[ConvBn] = ConvBn(in_chs, out_chs, small, stride, groups=in_chs)
         self.reparam_conv: Optional[nn.Conv2d] = None
-        self.fold_cache = _FoldCache()
+        self.fold_cache = FoldCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C_in, H, W] -> [B, C_out, H/s, W/s]
         if self.reparam_conv is not None:
@@ -233,7 +192,7 @@ class RepDwConv(nn.Module):
         return self.large(x) + self.small(x)
 
     def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        if _bn_folds(self.large.bn) and _bn_folds(self.small.bn):
+        if bn_folds(self.large.bn) and bn_folds(self.small.bn):
             sources = self.large.fold_sources() + self.small.fold_sources()
             w, b = self.fold_cache.get(sources, (self.large.bn.eps, self.small.bn.eps), self._merged)
             c = self.large.conv
@@ -265,7 +224,7 @@ class BnConvSkip(nn.Module):
         self.bn: Optional[nn.BatchNorm2d] = nn.BatchNorm2d(dim)
         self.conv: Optional[nn.Conv2d] = nn.Conv2d(dim, dim, 1, bias=False)
         self.reparam_conv: Optional[nn.Conv2d] = None
-        self.fold_cache = _FoldCache()
+        self.fold_cache = FoldCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W]
         if not torch.jit.is_scripting():
@@ -276,11 +235,11 @@ class BnConvSkip(nn.Module):
 
     def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         if self.reparam_conv is not None:
-            return _pointwise(x, self.reparam_conv.weight, self.reparam_conv.bias)
-        if _bn_folds(self.bn):
-            sources = [self.conv.weight] + _bn_sources(self.bn)
-            return x + _pointwise(x, *self.fold_cache.get(sources, self.bn.eps, self._fold))
-        return x + _pointwise(self.bn(x), self.conv.weight, None)
+            return pointwise_conv(x, self.reparam_conv.weight, self.reparam_conv.bias)
+        if bn_folds(self.bn):
+            sources = [self.conv.weight] + bn_sources(self.bn)
+            return x + pointwise_conv(x, *self.fold_cache.get(sources, self.bn.eps, self._fold))
+        return x + pointwise_conv(self.bn(x), self.conv.weight, None)
 
     def _fold(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``conv(bn(x))`` as one biased 1x1 conv (eval-mode BatchNorm; differentiable)."""
@@ -321,7 +280,7 @@ class TokenMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W]
         if not torch.jit.is_scripting():
-            return self.conv2(_act_nhwc(self.act, self.conv1(self.fc(x))))
+            return self.conv2(act_nhwc(self.act, self.conv1(self.fc(x))))
         return self.conv2(self.act(self.conv1(self.fc(x))))
 
 
@@ -523,10 +482,7 @@ class FFNet(nn.Module):
         """``nn.Module.train``; entering training also drops the eval-time folded-weight caches."""
         super().train(mode)
         if mode:
-            for m in self.modules():
-                cache = getattr(m, "fold_cache", None)
-                if isinstance(cache, _FoldCache):
-                    cache.clear()
+            clear_fold_caches(self)
         return self
 
     # --- timm API ----------------------------------------------------------------------------
