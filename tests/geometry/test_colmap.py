@@ -265,3 +265,24 @@ def test_files_interchange_with_pycolmap(tmp_path):
             assert sorted(zip(q.image_ids.tolist(), q.point2D_idxs.tolist())) == sorted(
                 zip(p.image_ids.tolist(), p.point2D_idxs.tolist())
             )
+
+
+def test_values_that_overflow_float32_are_refused_at_conversion(tmp_path):
+    """Finite in the file's float64 but inf as float32 Cameras: refused naming the camera or image."""
+    from vision3d.errors import InputError
+
+    (tmp_path / "cameras.txt").write_text(
+        "1 PINHOLE 10 10 5 5 5 5\n2 PINHOLE 10 10 5 5 1e83 5\n3 OPENCV 10 10 5 5 5 5 1e300 0 0 0\n"
+    )
+    (tmp_path / "images.txt").write_text(
+        "1 1 0 0 0 0 0 0 2 a.png\n\n2 1 0 0 0 1e60 0 0 1 b.png\n\n3 1 0 0 0 0 0 0 3 c.png\n\n"
+    )
+    model = read_colmap(tmp_path)  # each value is finite where it is read
+    with pytest.raises(InputError, match=r"camera 2 PARAMS: expected values representable in torch\.float32"):
+        model.to_cameras(image_ids=[1])
+    with pytest.raises(InputError, match=r"image 2 QVEC/TVEC: expected values representable in torch\.float32"):
+        model.to_cameras(image_ids=[2])
+    with pytest.raises(InputError, match=r"camera 3 PARAMS: expected values representable in torch\.float32"):
+        model.to_cameras(image_ids=[3])
+    cams, _, _ = model.to_cameras(image_ids=[1], dtype=torch.float64)  # float64 holds them
+    assert torch.isfinite(cams.K).all()

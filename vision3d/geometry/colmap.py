@@ -329,9 +329,12 @@ class ColmapModel:
         for c in cams:
             if c.info.num_focal == 0:
                 raise ValueError(f"{where}: camera {c.id} is {c.model} (no pinhole intrinsics); cannot make Cameras")
-        K = torch.stack([c.K for c in cams])
-        c2w = torch.stack([im.cam_to_world for im in imgs])
-        cameras = Cameras(K.to(dtype), c2w.to(dtype), size[0], size[1])
+        K = torch.stack([c.K for c in cams]).to(dtype)
+        c2w = torch.stack([im.cam_to_world for im in imgs]).to(dtype)
+        # values finite in float64 can overflow the requested dtype (a principal point of 1e83 in float32)
+        _check_representable(where, K, [f"camera {c.id} PARAMS" for c in cams], [c.params for c in cams], dtype)
+        _check_representable(where, c2w, [f"image {im.id} QVEC/TVEC" for im in imgs], [np.concatenate([im.qvec, im.tvec]) for im in imgs], dtype)
+        cameras = Cameras(K, c2w, size[0], size[1])
         names = [im.name for im in imgs]
         models = {c.model for c in cams}
         if all(MODELS_BY_NAME[m].is_pinhole for m in models):
@@ -341,7 +344,9 @@ class ColmapModel:
                 f"{where}: images use different distorted camera models {sorted(models)}; "
                 "select images of one model (image_ids=...) to convert them"
             )
-        dist = CameraDistortion(models.pop(), torch.stack([c.distortion for c in cams]).to(dtype))
+        coeffs = torch.stack([c.distortion for c in cams]).to(dtype)
+        _check_representable(where, coeffs, [f"camera {c.id} PARAMS" for c in cams], [c.params for c in cams], dtype)
+        dist = CameraDistortion(models.pop(), coeffs)
         return cameras, names, dist
 
     @staticmethod
@@ -420,6 +425,14 @@ class ColmapModel:
 
 
 # ---------------------------------------------------------------------------------------- input checks
+def _check_representable(where, values: torch.Tensor, fields: list[str], raw: list, dtype: torch.dtype) -> None:
+    """Refuse the first row of ``values`` (one per camera or image) that is not finite after the cast to ``dtype``."""
+    rows = torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
+    if not rows.all():
+        i = int(torch.nonzero(~rows)[0])
+        raise InputError(where, fields[i], f"values representable in {dtype}", np.asarray(raw[i]).tolist())
+
+
 def _check_cameras(path: Path, cams: dict[int, ColmapCamera]) -> None:
     """Refuse sizes that are not positive and intrinsics that are not finite or not physical."""
     for cid, c in cams.items():
