@@ -64,6 +64,20 @@ def test_fewer_than_two_images(tmp_path):
         load_image_folder(tmp_path / "nope")
 
 
+def test_too_few_images_explains_what_was_not_read(tmp_path):
+    """HEIC photos and a nested images/ folder are named in the error, with what to do."""
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"x")
+    (tmp_path / "IMG_0002.heic").write_bytes(b"x")
+    (tmp_path / ".DS_Store").write_bytes(b"x")  # hidden files are not worth mentioning
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "a.jpg")
+    with pytest.raises(ValueError) as e:
+        load_image_folder(tmp_path)
+    msg = str(e.value)
+    assert "not read: 2 .heic file(s)" in msg and "export them as JPEG" in msg and "DS_Store" not in msg
+    assert "sub-folder(s) with images: images (pass that folder instead)" in msg
+
+
 def test_known_cameras_from_transforms_json(tmp_path):
     cams = scene_cameras(3, 64, 48)
     (tmp_path / "images").mkdir()

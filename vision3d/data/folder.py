@@ -96,6 +96,39 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return sorted(files, key=lambda p: _natural_key(p.name))
 
 
+def unread_files_hint(folder: str | os.PathLike) -> str:
+    """Why a folder's files were not taken as images, for "found N image(s)" errors ("" when nothing to say).
+
+    Names the other file types present (HEIC/HEIF/RAW photos are common: say how to convert them) and
+    sub-folders that hold images (the user may have pointed at a dataset's parent folder)."""
+    d = Path(folder)
+    if not d.is_dir():
+        return ""
+    counts: dict[str, int] = {}
+    with_images = []
+    for p in sorted(d.iterdir(), key=lambda p: _natural_key(p.name)):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir():
+            try:
+                if any(q.suffix.lower() in IMAGE_EXTENSIONS for q in p.iterdir()):
+                    with_images.append(p.name)
+            except OSError:
+                continue
+        elif p.suffix.lower() not in IMAGE_EXTENSIONS:
+            counts[p.suffix.lower() or "(no extension)"] = counts.get(p.suffix.lower() or "(no extension)", 0) + 1
+    parts = []
+    if counts:
+        listed = ", ".join(f"{n} {ext}" for ext, n in sorted(counts.items(), key=lambda kv: -kv[1])[:5])
+        parts.append(f"not read: {listed} file(s)")
+        if any(ext in counts for ext in (".heic", ".heif", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2")):
+            parts.append("HEIC/HEIF and camera RAW photos are not decoded: export them as JPEG or PNG first "
+                         "(e.g. `heif-convert in.heic out.jpg`, or your photo app's export)")
+    if with_images:
+        parts.append(f"sub-folder(s) with images: {', '.join(with_images[:3])} (pass that folder instead)")
+    return "; ".join(parts)
+
+
 def read_image(path: str | os.PathLike, exif_transpose: bool = True) -> Tensor:  # [3, H, W] uint8
     """One image file as RGB uint8, upright per its EXIF orientation (size limits: :func:`decode_image_file`)."""
     return decode_image_file(path, exif_transpose)
@@ -318,7 +351,7 @@ def load_image_folder(
     if len(paths) < 2:
         raise ValueError(
             f"{folder}: found {len(paths)} image(s) with extensions {', '.join(IMAGE_EXTENSIONS)}; "
-            "reconstruction needs at least two"
+            "reconstruction needs at least two" + (f" ({hint})" if (hint := unread_files_hint(folder)) else "")
         )
     if max_images is not None and len(paths) > max_images:
         keep = np.unique(np.round(np.linspace(0, len(paths) - 1, max_images)).astype(int))

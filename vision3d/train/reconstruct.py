@@ -246,7 +246,7 @@ def _is_video(path: Path) -> bool:
 
 def load_input(cfg: ReconstructConfig, max_size: int | None, with_cameras: bool):
     """The input as a :class:`~vision3d.poses.base.PoseInput` (images downscaled to ``max_size``)."""
-    from vision3d.data.folder import IMAGE_EXTENSIONS, list_images, load_images, load_video
+    from vision3d.data.folder import IMAGE_EXTENSIONS, list_images, load_images, load_video, unread_files_hint
     from vision3d.poses.base import PoseInput
 
     src = Path(cfg.input)
@@ -278,6 +278,7 @@ def load_input(cfg: ReconstructConfig, max_size: int | None, with_cameras: bool)
             raise ValueError(
                 f"{src}: found {len(files)} image(s) with extensions {', '.join(IMAGE_EXTENSIONS)}; "
                 f"reconstruction needs at least {MIN_IMAGES} overlapping photos"
+                + (f" ({hint})" if (hint := unread_files_hint(src)) else "")
             )
         cam_path = None
         if with_cameras:
