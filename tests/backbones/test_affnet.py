@@ -154,14 +154,7 @@ def test_reparameterize_folds_batchnorm_exactly():
 
     torch.manual_seed(0)
     model = timm.create_model("affnet_et", num_classes=7).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    randomise_bn(model, torch.Generator().manual_seed(1), conv_scale=1)
     x = torch.randn(1, 3, 64, 48)
     with torch.no_grad():
         ref = model(x)
