@@ -13,7 +13,7 @@ from timm.models._builder import resolve_pretrained_cfg
 
 from vision3d.utils.state import state_dict_differences
 
-__all__ = ["require_local_weights", "local_weights_path", "unwrap_state_dict", "check_converted_state_dict", "check_input", "factory_device", "is_tracing", "bn_scale_shift", "conv_with_weights", "fuse_conv_bn",
+__all__ = ["require_local_weights", "local_weights_path", "unwrap_state_dict", "check_converted_state_dict", "check_input", "factory_device", "is_tracing", "bn_scale_shift", "conv_with_weights",
            "bn_folds", "pointwise_conv", "act_nhwc", "bn_sources", "FoldCache", "clear_fold_caches"]
 
 
@@ -157,14 +157,6 @@ def conv_with_weights(like: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor)
         conv.weight.copy_(weight)
         conv.bias.copy_(bias)
     return conv
-
-
-@torch.no_grad()
-def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """``bn(conv(x))`` (BatchNorm in eval mode) as one biased conv."""
-    scale, shift = bn_scale_shift(bn)
-    bias = shift if conv.bias is None else conv.bias * scale + shift
-    return conv_with_weights(conv, conv.weight * scale[:, None, None, None], bias)
 
 
 def is_tracing() -> bool:

@@ -87,7 +87,7 @@ from vision3d.backbones._helpers import (
     bn_scale_shift,
     bn_sources,
     clear_fold_caches,
-    fuse_conv_bn,
+    conv_with_weights,
     pointwise_conv,
     require_local_weights,
     unwrap_state_dict,
@@ -152,7 +152,7 @@ class ConvNormAct(_TimmConvNormAct):
         bn = self.bn
         if not isinstance(bn, nn.BatchNorm2d):
             return  # already fused (or no norm)
-        self.conv = fuse_conv_bn(self.conv, bn)
+        self.conv = conv_with_weights(self.conv, *self._fold())
         self.bn = nn.Sequential(getattr(bn, "drop", nn.Identity()), getattr(bn, "act", nn.Identity()))
         self.fold_cache.clear()
 
